@@ -1,0 +1,309 @@
+"""A frozen decoder-only LLM, Llama or OPT, written from scratch in plain PyTorch.
+
+Parameter names equal the Hugging Face names (`model.layers.0.self_attn.q_proj.weight`,
+`model.decoder.layers.0.fc1.weight`, ...) so a checkpoint loads by a name-for-name copy.
+The forward takes token ids or embeddings (SPT prepends soft prompts as embeddings), an
+attention mask with padding on either side, and an optional KV cache for decoding.
+There is no dropout: the LLM stays frozen and deterministic (paper 3.2).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # "llama" or "opt"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    num_kv_heads: int | None = None  # grouped-query attention (Llama); None means num_heads
+    head_dim: int | None = None  # None means hidden_size // num_heads
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # Llama
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Llama q/k/v/o biases
+    mlp_bias: bool = False  # Llama gate/up/down biases
+    do_layer_norm_before: bool = True  # OPT: pre-LN; False is post-LN (opt-350m)
+    word_embed_proj_dim: int | None = None  # OPT: token embedding width when != hidden_size
+
+    def __post_init__(self):
+        if self.arch not in ("llama", "opt"):
+            raise ValueError(f"arch must be 'llama' or 'opt', got {self.arch!r}")
+        self.num_kv_heads = self.num_kv_heads or self.num_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_heads
+        self.word_embed_proj_dim = self.word_embed_proj_dim or self.hidden_size
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+
+class KVCache:
+    """Keys and values of every layer seen so far, each (B, H_kv, T_past, hd)."""
+
+    def __init__(self, num_layers):
+        self.layers = [None] * num_layers
+
+    @property
+    def length(self):
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+    def update(self, layer, k, v):
+        """Append this step's (B, H_kv, T, hd) keys and values; return all of them."""
+        if self.layers[layer] is not None:
+            k = torch.cat([self.layers[layer][0], k], dim=2)
+            v = torch.cat([self.layers[layer][1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+def attend(q, k, v, mask, layer, kv_cache):
+    """Scaled dot-product attention of q (B, H, T, hd) over cached + new k, v (B, H_kv, T, hd)."""
+    if kv_cache is not None:
+        k, v = kv_cache.update(layer, k, v)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    B, H, T, hd = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * hd)
+
+
+def split_heads(x, num_heads):
+    """(B, T, H * hd) -> (B, H, T, hd)"""
+    B, T, _ = x.shape
+    return x.view(B, T, num_heads, -1).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- Llama
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def rope(positions, head_dim, theta):
+    """Rotary cos and sin for positions (B, T): each (B, 1, T, hd), halves duplicated."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, hd)
+    return angles.cos(), angles.sin()
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = c.num_heads, c.num_kv_heads
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def forward(self, x, mask, cos_sin, layer, kv_cache):
+        cos, sin = cos_sin
+        q = split_heads(self.q_proj(x), self.num_heads)
+        k = split_heads(self.k_proj(x), self.num_kv_heads)
+        v = split_heads(self.v_proj(x), self.num_kv_heads)
+        q = q * cos.to(q.dtype) + rotate_half(q) * sin.to(q.dtype)
+        k = k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
+        return self.o_proj(attend(q, k, v, mask, layer, kv_cache))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.self_attn = LlamaAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.mlp = LlamaMLP(c)
+
+    def forward(self, x, mask, cos_sin, layer, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), mask, cos_sin, layer, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(LlamaBlock(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.norm_eps)
+
+    def forward(self, x, mask, positions, kv_cache, grad_checkpoint):
+        """x (B, T, D) embeddings -> (B, T, D) final hidden states."""
+        cos_sin = rope(positions, self.config.head_dim, self.config.rope_theta)
+        for i, block in enumerate(self.layers):
+            x = run_block(block, x, mask, cos_sin, i, kv_cache, grad_checkpoint)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------- OPT
+
+class OPTAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.num_heads = c.num_heads
+        self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x, mask, layer, kv_cache):
+        q = split_heads(self.q_proj(x), self.num_heads)
+        k = split_heads(self.k_proj(x), self.num_heads)
+        v = split_heads(self.v_proj(x), self.num_heads)
+        return self.out_proj(attend(q, k, v, mask, layer, kv_cache))
+
+
+class OPTBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.pre_ln = c.do_layer_norm_before
+        self.self_attn = OPTAttention(c)
+        self.self_attn_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+    def forward(self, x, mask, layer, kv_cache):
+        if self.pre_ln:
+            x = x + self.self_attn(self.self_attn_layer_norm(x), mask, layer, kv_cache)
+            return x + self.fc2(F.relu(self.fc1(self.final_layer_norm(x))))
+        x = self.self_attn_layer_norm(x + self.self_attn(x, mask, layer, kv_cache))
+        return self.final_layer_norm(x + self.fc2(F.relu(self.fc1(x))))
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.word_embed_proj_dim)
+        self.embed_positions = nn.Embedding(c.max_position_embeddings + 2, c.hidden_size)  # OPT offsets positions by 2
+        projected = c.word_embed_proj_dim != c.hidden_size
+        self.project_in = nn.Linear(c.word_embed_proj_dim, c.hidden_size, bias=False) if projected else None
+        self.project_out = nn.Linear(c.hidden_size, c.word_embed_proj_dim, bias=False) if projected else None
+        self.layers = nn.ModuleList(OPTBlock(c) for _ in range(c.num_layers))
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps) if c.do_layer_norm_before else None
+
+    def forward(self, x, mask, positions, kv_cache, grad_checkpoint):
+        """x (B, T, E) embeddings -> (B, T, E) final hidden states."""
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions(positions + 2).to(x.dtype)
+        for i, block in enumerate(self.layers):
+            x = run_block(block, x, mask, None, i, kv_cache, grad_checkpoint)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x
+
+
+class OPTModel(nn.Module):
+    """Holds the decoder so that parameter names read `model.decoder.*` as in Hugging Face."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.decoder = OPTDecoder(c)
+
+    @property
+    def embed_tokens(self):
+        return self.decoder.embed_tokens
+
+    def forward(self, *args):
+        return self.decoder(*args)
+
+
+# ----------------------------------------------------------------------------- shared
+
+def run_block(block, x, mask, cos_sin, layer, kv_cache, grad_checkpoint):
+    """One decoder block; with grad_checkpoint its activations are recomputed in the backward pass."""
+    args = (x, mask, cos_sin, layer, kv_cache) if cos_sin is not None else (x, mask, layer, kv_cache)
+    if grad_checkpoint and torch.is_grad_enabled() and kv_cache is None:
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+def attention_mask_4d(key_mask, num_queries):
+    """Boolean (B, 1, T, T_all) mask: causal and no padded keys.
+
+    key_mask (B, T_all) is 1 for real tokens; the last num_queries positions are the queries.
+    Each query may always see itself, so a padded query never has an empty row (no NaN).
+    """
+    T_all = key_mask.shape[1]
+    query_pos = torch.arange(T_all - num_queries, T_all, device=key_mask.device)[:, None]  # (T, 1)
+    key_pos = torch.arange(T_all, device=key_mask.device)[None, :]  # (1, T_all)
+    causal = key_pos <= query_pos
+    mask = causal & key_mask.bool()[:, None, None, :]
+    return mask | (key_pos == query_pos)
+
+
+class LLM(nn.Module):
+    """Decoder-only causal LM; `config.arch` picks Llama or OPT blocks."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config) if config.arch == "llama" else OPTModel(config)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings or config.arch == "opt":
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.grad_checkpoint = False
+
+    @property
+    def embed_dim(self):
+        """Width E of token embeddings, i.e. of `inputs_embeds` and of soft prompts."""
+        return self.config.word_embed_proj_dim
+
+    def embed(self, input_ids):
+        """(B, T) token ids -> (B, T, E) token embeddings."""
+        return self.model.embed_tokens(input_ids)
+
+    def new_kv_cache(self):
+        return KVCache(self.config.num_layers)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, kv_cache=None, return_hidden=False):
+        """Logits (B, T, V) in float32, or final hidden states (B, T, E) when return_hidden.
+
+        attention_mask (B, T_past + T): 1 for real tokens, 0 for padding (either side); positions
+        count real tokens only, so left padding gives the same result as no padding.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
+        B, T, _ = x.shape
+        past = 0 if kv_cache is None else kv_cache.length
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+        attention_mask = attention_mask.long()
+        positions = (attention_mask.cumsum(1) * attention_mask - 1)[:, past:]  # (B, T), -1 at padding
+        mask = attention_mask_4d(attention_mask, T)
+        hidden = self.model(x, mask, positions, kv_cache, self.grad_checkpoint)
+        return hidden if return_hidden else self.lm_head(hidden).float()
