@@ -1,0 +1,97 @@
+"""SPT's training losses, Eq. 2-6 of the paper, as small functions of gathered log-probabilities.
+
+Shapes: B examples, K soft prompts, T target positions. `target_logprobs` (B, K, T) holds
+log p_i(y_t), prompt i's log-probability of the true next token; `target_mask` (B, T) marks
+real target tokens. Eq. 2 and Eq. 5 need only these values (the average of the K predicted
+distributions, evaluated at y_t, is the average of the K probabilities of y_t), so no
+(B, K, T, V) tensor is ever kept.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+
+def masked_token_mean(values, target_mask):
+    """Mean of values (..., T) over the real target tokens of each example -> (...)."""
+    mask = target_mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def soft_prompt_losses(target_logprobs, target_mask):
+    """Eq. 2: L[b, i] = mean NLL of example b's target tokens given concat(sp_i, c_b). -> (B, K)"""
+    return -masked_token_mean(target_logprobs, target_mask[:, None, :])
+
+
+def fusion_loss(target_logprobs, target_mask):
+    """Eq. 5: NLL of p_fused = (1/K) sum_i p_i, in log space; per-example token mean, then batch mean."""
+    K = target_logprobs.shape[1]
+    fused = torch.logsumexp(target_logprobs, dim=1) - math.log(K)  # (B, T)
+    return -masked_token_mean(fused, target_mask).mean()
+
+
+def selection_loss(scores, prompt_losses, tau_g=1.0, feedback_noise=0.0):
+    """Eq. 3: KL(q || p), q = softmax(-L / tau_g) the LLM's feedback (a fixed target), p = softmax(s).
+
+    scores, prompt_losses: (B, K). feedback_noise adds alpha * N(0, 1) to q (A.8); the noisy q is
+    clamped at 0 and renormalised so the KL stays defined. Mean over the batch.
+    """
+    q = F.softmax(-prompt_losses.detach().float() / tau_g, dim=-1)
+    if feedback_noise > 0:
+        q = (q + feedback_noise * torch.randn_like(q)).clamp(min=0)
+        q = q / q.sum(-1, keepdim=True).clamp(min=1e-12)
+    log_p = F.log_softmax(scores.float(), dim=-1)
+    return (torch.xlogy(q, q) - q * log_p).sum(-1).mean()
+
+
+def contrastive_loss(scores, bleu, threshold=20.0):
+    """Eq. 4, averaged over ordered pairs (i, j), i != j, of the batch.
+
+    scores (B, K) retriever scores; bleu (B, B) with bleu[i, j] = M(c_i, c_j) on the 0-100 scale.
+    Similar pairs (M > threshold) pull their score vectors together: 1 - cos; others push them
+    apart: max(0, cos). Zero for a batch of one.
+    """
+    B = scores.shape[0]
+    if B < 2:
+        return scores.sum() * 0.0
+    cos = F.cosine_similarity(scores[:, None, :].float(), scores[None, :, :].float(), dim=-1)  # (B, B)
+    similar = bleu.to(cos.device) > threshold
+    pair_loss = torch.where(similar, 1.0 - cos, cos.clamp(min=0.0))
+    off_diagonal = ~torch.eye(B, dtype=torch.bool, device=cos.device)
+    return pair_loss[off_diagonal].mean()
+
+
+def bleu_matrix(texts):
+    """M of Eq. 4: (B, B) sentence BLEU (0-100, nltk, smoothing method 1), hypothesis i vs reference j."""
+    tokens = [text.lower().split() for text in texts]
+    smooth = SmoothingFunction().method1
+    B = len(texts)
+    bleu = torch.zeros(B, B)
+    for i in range(B):
+        for j in range(B):
+            if i != j:
+                bleu[i, j] = 100.0 * sentence_bleu([tokens[j]], tokens[i], smoothing_function=smooth)
+    return bleu
+
+
+def total_loss(target_logprobs, target_mask, scores=None, bleu=None, tau_g=1.0, threshold=20.0,
+               lambda_con=1.0, lambda_sel=1.0, lambda_fusion=1.0, feedback_noise=0.0):
+    """Eq. 6: sum_i mean_b L[b, i] + lambda1 L_con + lambda2 L_sel + lambda3 L_fusion.
+
+    A term whose lambda is 0 is skipped (the ablations of Table 2; the PT baseline sets all three
+    to 0 and needs no scores). Returns (total, parts) with parts the detached scalar terms.
+    """
+    prompt_losses = soft_prompt_losses(target_logprobs, target_mask)  # (B, K)
+    total = prompt_losses.mean(0).sum()
+    parts = {"nll": total.detach()}
+    if lambda_con:
+        parts["con"] = contrastive_loss(scores, bleu, threshold)
+        total = total + lambda_con * parts["con"]
+    if lambda_sel:
+        parts["sel"] = selection_loss(scores, prompt_losses, tau_g, feedback_noise)
+        total = total + lambda_sel * parts["sel"]
+    if lambda_fusion:
+        parts["fusion"] = fusion_loss(target_logprobs, target_mask)
+        total = total + lambda_fusion * parts["fusion"]
+    return total, {name: value.detach() for name, value in parts.items()}
