@@ -76,17 +76,19 @@ def bleu_matrix(texts):
 
 
 def total_loss(target_logprobs, target_mask, scores=None, bleu=None, tau_g=1.0, threshold=20.0,
-               lambda_con=1.0, lambda_sel=1.0, lambda_fusion=1.0, feedback_noise=0.0):
+               lambda_con=1.0, lambda_sel=1.0, lambda_fusion=1.0, feedback_noise=0.0, pair_scores=None):
     """Eq. 6: sum_i mean_b L[b, i] + lambda1 L_con + lambda2 L_sel + lambda3 L_fusion.
 
     A term whose lambda is 0 is skipped (the ablations of Table 2; the PT baseline sets all three
-    to 0 and needs no scores). Returns (total, parts) with parts the detached scalar terms.
+    to 0 and needs no scores). pair_scores (B', K) with bleu (B', B') are what Eq. 4 pairs over:
+    by default the batch's own scores; under data parallelism, every process's scores.
+    Returns (total, parts) with parts the detached scalar terms.
     """
     prompt_losses = soft_prompt_losses(target_logprobs, target_mask)  # (B, K)
     total = prompt_losses.mean(0).sum()
     parts = {"nll": total.detach()}
     if lambda_con:
-        parts["con"] = contrastive_loss(scores, bleu, threshold)
+        parts["con"] = contrastive_loss(scores if pair_scores is None else pair_scores, bleu, threshold)
         total = total + lambda_con * parts["con"]
     if lambda_sel:
         parts["sel"] = selection_loss(scores, prompt_losses, tau_g, feedback_noise)

@@ -43,6 +43,10 @@ class SPT(nn.Module):
         rows = torch.randint(token_embeddings.shape[0], (K * L,), generator=generator)
         self.soft_prompts.copy_(token_embeddings[rows].view(K, L, -1))
 
+    def forward(self, context_embeds, context_mask):
+        """The soft prompts (K, L, E) and their scores (B, K); a forward, so data parallelism can wrap it."""
+        return self.soft_prompts, self.scores(context_embeds, context_mask)
+
     def scores(self, context_embeds, context_mask):
         """Eq. 1: s (B, K) = softplus(cos(mean lin_C(emb_C), mean lin_sp(sp_i))).
 

