@@ -396,7 +396,7 @@ def main(argv=None):
         if args.compare:
             base_path, new_path = args.compare
             base, new = (metrics_of_records(read_predictions(p)) for p in args.compare)
-            names = [os.path.basename(base_path), os.path.basename(new_path), "change"]
+            names = [base_path, new_path, "change"]
             width = max(map(len, names)) + 2
             print(table_header(width))
             print(table_row(base, names[0], width))

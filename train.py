@@ -11,7 +11,6 @@ only at target positions. Checkpoints hold the trainable parts only (safetensors
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -356,6 +355,10 @@ def train(args):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t_step
+        if world > 1:  # log the global batch's loss: the mean of the processes' losses
+            values = torch.stack([loss.detach(), *parts.values()])
+            dist.all_reduce(values)
+            loss, parts = values[0] / world, dict(zip(parts, values[1:] / world))
         record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
                   "usage": usage.tolist(), "seconds": round(seconds, 4)}
         if step % args.log_every == 0 or step in (start + 1, total_steps):

