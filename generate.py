@@ -52,34 +52,47 @@ def cut_at_stop(text):
 
 
 @torch.no_grad()
+def decode_steps(llm, embeds, mask, max_new_tokens, top_p=0.0, temperature=1.0, generator=None):
+    """Yield the next tokens (B,) one step at a time, with the KV cache; the caller stops when it likes.
+
+    embeds (B, T, E) and mask (B, T) are the whole prompted inputs, left-padded.
+    """
+    cache = llm.new_kv_cache()
+    hidden = llm(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache, return_hidden=True)
+    logits = llm.lm_head(hidden[:, -1]).float()  # (B, V): the LM head only where the next token comes from
+    for step in range(max_new_tokens):
+        token = next_tokens(logits, top_p, temperature, generator)  # (B,)
+        yield token
+        if step == max_new_tokens - 1:
+            return
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = llm(input_ids=token[:, None], attention_mask=mask, kv_cache=cache)[:, -1]
+
+
 def generate(llm, tok, soft_prompts, prompt_ids, prompt_mask, max_new_tokens=32, top_p=0.0, temperature=1.0, generator=None):
-    """Decode a batch with the KV cache; row b continues concat(soft_prompts[b], its prompt).
+    """Decode a batch; row b continues concat(soft_prompts[b], its prompt).
 
     soft_prompts (B, L, E) the chosen prompt of each row; prompt_ids, prompt_mask (B, T) left-padded.
     Returns the B response strings (cut at EOS or at the template's next speaker marker).
     """
     B = prompt_ids.shape[0]
-    embeds = torch.cat([soft_prompts.to(llm.lm_head.weight.dtype), llm.embed(prompt_ids)], dim=1)  # (B, L+T, E)
+    with torch.no_grad():
+        embeds = torch.cat([soft_prompts.to(llm.lm_head.weight.dtype), llm.embed(prompt_ids)], dim=1)  # (B, L+T, E)
     mask = torch.cat([prompt_mask.new_ones(B, soft_prompts.shape[1]), prompt_mask], dim=1)
-    cache = llm.new_kv_cache()
-    logits = llm(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V)
     generated = [[] for _ in range(B)]
     texts = [""] * B
     done = [False] * B
-    for _ in range(max_new_tokens):
-        token = next_tokens(logits, top_p, temperature, generator)  # (B,)
-        for b in range(B):
+    for token in decode_steps(llm, embeds, mask, max_new_tokens, top_p, temperature, generator):
+        for b, token_id in enumerate(token.tolist()):
             if done[b]:
                 continue
-            if token[b].item() == tok.eos_id:
+            if token_id == tok.eos_id:
                 done[b] = True
                 continue
-            generated[b].append(token[b].item())
+            generated[b].append(token_id)
             texts[b], done[b] = cut_at_stop(tok.decode(generated[b]))
         if all(done):
             break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        logits = llm(input_ids=token[:, None], attention_mask=mask, kv_cache=cache)[:, -1]
     return [text.strip() for text in texts]
 
 

@@ -53,6 +53,7 @@ class SPT(nn.Module):
         context_embeds (B, Tc, E) are the frozen LLM's token embeddings of C = {P, U};
         context_mask (B, Tc) excludes padding from the mean.
         """
+        context_embeds = context_embeds.to(self.lin_context.weight.dtype)  # a bf16 LLM feeds a float32 retriever
         v_context = masked_mean(self.lin_context(context_embeds), context_mask)  # (B, E)
         v_prompts = self.lin_prompt(self.soft_prompts).mean(1)  # (K, E)
         raw = F.cosine_similarity(v_context[:, None, :], v_prompts[None, :, :], dim=-1)  # (B, K)

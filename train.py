@@ -271,13 +271,13 @@ def setup_distributed(args):
     return world, dist.get_rank(), device
 
 
-def micro_batches(encoded, args, tok, start, rank, world):
+def micro_batches(encoded, args, pad_id, start, rank, world):
     """Endless micro-batches from micro-batch number `start` on; each global micro-batch of
     batch_size x world examples is cut into one slice per process. Order depends on (seed, epoch) only."""
     per_epoch = len(encoded) // (args.batch_size * world)
     epoch, skip = divmod(start, per_epoch)
     while True:
-        for batch in data.batches(encoded, args.batch_size * world, tok.pad_id, seed=args.seed, epoch=epoch, skip=skip):
+        for batch in data.batches(encoded, args.batch_size * world, pad_id, seed=args.seed, epoch=epoch, skip=skip):
             if len(batch.examples) < args.batch_size * world:
                 break  # a short last batch would give processes unequal shares
             yield data.shard(batch, rank, world)
@@ -334,7 +334,7 @@ def train(args):
               f"({total_steps * args.batch_size * args.grad_accum * world / len(encoded):.2f} epochs)")
     out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.log or out / "log.jsonl", "a" if args.resume else "w") if rank == 0 else None
-    batches = micro_batches(encoded, args, tok, start * args.grad_accum, rank, world)
+    batches = micro_batches(encoded, args, tok.pad_id, start * args.grad_accum, rank, world)
     usage = torch.zeros(args.num_prompts, dtype=torch.long)
     t_start, tokens = time.time(), 0
     for step in range(start + 1, total_steps + 1):
