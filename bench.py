@@ -52,7 +52,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 import data
 import losses
 import train
-from generate import decode_steps, select_prompts
+from generate import decode_steps, insert_prompts, select_prompts
 from llm_loader import load_llm
 from retriever import SPT
 
@@ -198,11 +198,16 @@ def check_agreement(llm, hf, args, batch):
         "grad_max_abs": {name: a.abs().max().item() for name, (a, _) in grads.items()},
     }
     bad_grads = [name for name, diff in result["grad_max_abs_diff"].items() if diff > TOLERANCE * max(1.0, result["grad_max_abs"][name])]
-    if result["loss_abs_diff"] > TOLERANCE or bad_grads:
-        sys.exit(f"error: ours and the reference disagree on the first batch (loss {result['loss_ours']:.6f} vs "
-                 f"{result['loss_reference']:.6f}, gradient differences {result['grad_max_abs_diff']}); no speed is "
-                 "reported for different computations: fix train.py/model.py or reference_loss in bench.py")
+    result["agree"] = result["loss_abs_diff"] <= TOLERANCE and not bad_grads
     return result
+
+
+def agreement_side(args):
+    """check_agreement on the first batch, in a fresh process: its autograd graphs hold gigabytes
+    that the allocator would keep in this process's memory while the timed children run."""
+    torch.set_num_threads(args.threads)
+    llm, tok = load_llm(args.model, device=torch.device(args.device))
+    return check_agreement(llm, hf_llama(llm), args, bench_batches(tok, args, torch.device(args.device))[0])
 
 
 # ----------------------------------------------------------------------------- timing and memory
@@ -265,10 +270,10 @@ def train_side(side, args):
     return {"times": times[1:], "warmup": times[0], "peak_mb": (memory_peak(device) - baseline) / 2**20}
 
 
-def run_in_fresh_process(side, args):
-    """train_side in a spawned child, so each side's peak memory is its own."""
+def run_in_fresh_process(function, *args):
+    """function(*args) in a spawned child, so each side's peak memory is its own and none stays behind."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(train_side, (side, args))
+        return pool.apply(function, args)
 
 
 # ----------------------------------------------------------------------------- efficiency
@@ -333,9 +338,8 @@ def bench_decode(llm, hf, tok, args, batch):
     encoded = [data.encode_example(ex, tok, args.max_len) for ex in batch.examples]
     ids, mask = (t.to(device) for t in data.left_pad_prompts(encoded, tok.pad_id))  # (B, T) left-padded
     chosen, _ = select_prompts(llm, spt, ids, mask)
-    with torch.no_grad():  # generate()'s layout: the prompt, then the left-padded context
-        embeds = torch.cat([spt.soft_prompts[chosen], llm.embed(ids)], dim=1)  # (B, L+T, E)
-    mask = torch.cat([mask.new_ones(len(chosen), args.prompt_len), mask], dim=1)  # (B, L+T)
+    with torch.no_grad():  # generate()'s layout: left padding, then each row's prompt and context
+        embeds, mask = insert_prompts(spt.soft_prompts[chosen], llm.embed(ids), mask)  # (B, L+T, E), (B, L+T)
     runs = {"ours": partial(greedy_ours, llm, embeds, mask, args.new_tokens),
             "reference": partial(greedy_reference, hf, embeds, mask, args.new_tokens, tok.pad_id)}
     result, outputs = {}, {}
@@ -387,7 +391,11 @@ def main(argv=None):
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
     rows = []
     if "train" in args.parts:
-        results["agreement"] = agreement = check_agreement(llm, hf, args, batches[0])
+        results["agreement"] = agreement = run_in_fresh_process(agreement_side, args)
+        if not agreement["agree"]:
+            sys.exit(f"error: ours and the reference disagree on the first batch (loss {agreement['loss_ours']:.6f} vs "
+                     f"{agreement['loss_reference']:.6f}, gradient differences {agreement['grad_max_abs_diff']}); no speed "
+                     "is reported for different computations: fix train.py/model.py or reference_loss in bench.py")
         print(f"first batch: loss ours {agreement['loss_ours']:.6f}, reference {agreement['loss_reference']:.6f} "
               f"(|diff| {agreement['loss_abs_diff']:.1e}); max |grad diff| "
               + ", ".join(f"{name} {diff:.1e}" for name, diff in agreement["grad_max_abs_diff"].items()))
@@ -398,7 +406,7 @@ def main(argv=None):
         train = {}
         for side in ("ours", "reference"):
             print(f"timing the {side} training step in a fresh process ({args.steps} steps after a warm-up) ...", flush=True)
-            run = run_in_fresh_process(side, args)
+            run = run_in_fresh_process(train_side, side, args)
             seconds = sum(run["times"])
             train[side] = {**run, "median_s": statistics.median(run["times"]), "tokens_per_s": tokens / seconds,
                            "gflops": flops / seconds / 1e9, "efficiency_pct": 100 * flops / seconds / 1e9 / matmul}

@@ -17,7 +17,7 @@ import torch
 import data
 import metrics
 from llm_loader import load_llm
-from train import load_checkpoint, resolve_device, resolve_dtype, run_cli
+from train import length_groups, load_checkpoint, resolve_device, resolve_dtype, run_cli
 
 STOP_MARKERS = (" Q:", " R:", "\n")  # the next speaker of the template, or a line break, ends a response
 
@@ -51,15 +51,46 @@ def cut_at_stop(text):
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
+def insert_prompts(soft_prompts, token_embeds, mask):
+    """Put each row's soft prompt right before its first real token: [pad .., sp_b, tokens_b].
+
+    soft_prompts (B, L, E); token_embeds (B, T, E) and mask (B, T) left-padded
+    -> inputs_embeds (B, L+T, E) and mask (B, L+T), still left-padded (real content right-aligned).
+    """
+    B, L, E = soft_prompts.shape
+    T = mask.shape[1]
+    pads = T - mask.sum(1, keepdim=True)  # (B, 1)
+    cols = torch.arange(L + T, device=mask.device)[None]  # (1, L+T)
+    combined = torch.cat([soft_prompts.to(token_embeds.dtype), token_embeds], dim=1)  # (B, L+T, E): [sp, pad .., tokens]
+    source = torch.where(cols < pads + L, (cols - pads).clamp(min=0), cols)  # (B, L+T): the pads move to the front
+    return combined.gather(1, source[..., None].expand(B, L + T, E)), (cols >= pads).to(mask.dtype)
+
+
+def prefill(llm, embeds, mask):
+    """KV cache and next-token logits (B, V) of left-padded prompted inputs embeds (B, T, E), mask (B, T).
+
+    Rows run in groups of similar length (padding is work for nothing) and their keys and values
+    are laid side by side, right-aligned, in one cache for the batched decoding steps.
+    """
+    B, T, _ = embeds.shape
+    cache = llm.new_kv_cache()
+    logits = torch.empty(B, llm.config.vocab_size, device=embeds.device)
+    for rows in length_groups(mask.sum(1)):
+        n = int(mask[rows].sum(1).max())
+        part = llm.new_kv_cache()
+        hidden = llm(inputs_embeds=embeds[rows, T - n:], attention_mask=mask[rows, T - n:], kv_cache=part, return_hidden=True)
+        logits[rows] = llm.lm_head(hidden[:, -1]).float()  # the LM head only where the next token comes from
+        cache.place(rows, part, B, T)
+    return cache, logits
+
+
 @torch.no_grad()
 def decode_steps(llm, embeds, mask, max_new_tokens, top_p=0.0, temperature=1.0, generator=None):
     """Yield the next tokens (B,) one step at a time, with the KV cache; the caller stops when it likes.
 
     embeds (B, T, E) and mask (B, T) are the whole prompted inputs, left-padded.
     """
-    cache = llm.new_kv_cache()
-    hidden = llm(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache, return_hidden=True)
-    logits = llm.lm_head(hidden[:, -1]).float()  # (B, V): the LM head only where the next token comes from
+    cache, logits = prefill(llm, embeds, mask)
     for step in range(max_new_tokens):
         token = next_tokens(logits, top_p, temperature, generator)  # (B,)
         yield token
@@ -77,8 +108,7 @@ def generate(llm, tok, soft_prompts, prompt_ids, prompt_mask, max_new_tokens=32,
     """
     B = prompt_ids.shape[0]
     with torch.no_grad():
-        embeds = torch.cat([soft_prompts.to(llm.lm_head.weight.dtype), llm.embed(prompt_ids)], dim=1)  # (B, L+T, E)
-    mask = torch.cat([prompt_mask.new_ones(B, soft_prompts.shape[1]), prompt_mask], dim=1)
+        embeds, mask = insert_prompts(soft_prompts, llm.embed(prompt_ids), prompt_mask)
     generated = [[] for _ in range(B)]
     texts = [""] * B
     done = [False] * B
@@ -178,10 +208,14 @@ def chat(llm, tok, spt, config, args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="runs/spt", help="checkpoint folder written by train.py (its config.json names the base model)")
-    p.add_argument("--model", default=None, help="override the base model named in the checkpoint (must have the same embedding width)")
-    p.add_argument("--data", default=None, help="evaluate on this data (ConvAI2 .txt, .jsonl or 'demo'); default: the checkpoint's training data")
-    p.add_argument("--holdout", type=int, default=None, help="evaluate on the LAST N dialogues of --data (default: the checkpoint's --holdout; 0 = all)")
+    p.add_argument("--ckpt", default="runs/spt",
+                   help="checkpoint folder written by train.py (its config.json names the base model)")
+    p.add_argument("--model", default=None,
+                   help="override the base model named in the checkpoint (must have the same embedding width)")
+    p.add_argument("--data", default=None,
+                   help="evaluate on this data (ConvAI2 .txt, .jsonl or 'demo'); default: the checkpoint's training data")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="evaluate on the LAST N dialogues of --data (default: the checkpoint's --holdout; 0 = all)")
     p.add_argument("--max-examples", type=int, default=0, help="evaluate on the first N examples only (0: all)")
     p.add_argument("--out", default=None, help="predictions JSONL (default: CKPT/predictions.jsonl)")
     p.add_argument("--chat", action="store_true", help="talk to the model in the terminal instead of evaluating")
@@ -190,12 +224,14 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest response in tokens")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold; 0 decodes greedily")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --top-p)")
-    p.add_argument("--selection-noise", type=float, default=0.0, help="alpha of Gaussian noise on the retriever scores before the argmax (A.7)")
+    p.add_argument("--selection-noise", type=float, default=0.0,
+                   help="alpha of Gaussian noise on the retriever scores before the argmax (A.7)")
     p.add_argument("--prompt", type=int, default=None, help="force soft prompt i for every context (Figure 3 analyses)")
     p.add_argument("--batch-size", type=int, default=8, help="contexts decoded together")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling and selection noise")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="LLM weights ('auto': float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="LLM weights ('auto': float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     return p.parse_args(argv)
 

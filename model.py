@@ -44,22 +44,54 @@ class ModelConfig:
 
 
 class KVCache:
-    """Keys and values of every layer seen so far, each (B, H_kv, T_past, hd)."""
+    """Keys and values of every layer seen so far, for decoding (no gradients flow through it).
+
+    Each layer keeps (B, H_kv, capacity, hd) buffers that grow by doubling, so a decoding step writes
+    its new entries in place instead of copying the whole cache; attention reads the first `length`.
+    """
 
     def __init__(self, num_layers):
-        self.layers = [None] * num_layers
+        self.buffers = [None] * num_layers  # (keys, values) per layer
+        self.sizes = [0] * num_layers
 
     @property
     def length(self):
-        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+        return self.sizes[0]
+
+    def reserve(self, layer, like, batch_size, size):
+        """Make layer's buffers hold at least `size` positions of batch_size rows shaped like `like`."""
+        old = self.buffers[layer]
+        if old is not None and old[0].shape[2] >= size:
+            return
+        _, heads, _, head_dim = like.shape
+        capacity = max(size, 64 if old is None else 2 * old[0].shape[2])
+        new = tuple(like.new_zeros(batch_size, heads, capacity, head_dim) for _ in range(2))
+        if old is not None:
+            for new_buffer, old_buffer in zip(new, old):
+                new_buffer[:, :, :self.sizes[layer]] = old_buffer[:, :, :self.sizes[layer]]
+        self.buffers[layer] = new
 
     def update(self, layer, k, v):
-        """Append this step's (B, H_kv, T, hd) keys and values; return all of them."""
-        if self.layers[layer] is not None:
-            k = torch.cat([self.layers[layer][0], k], dim=2)
-            v = torch.cat([self.layers[layer][1], v], dim=2)
-        self.layers[layer] = (k, v)
-        return k, v
+        """Append this step's (B, H_kv, T, hd) keys and values; return all of them so far."""
+        start, end = self.sizes[layer], self.sizes[layer] + k.shape[2]
+        self.reserve(layer, k, k.shape[0], end)
+        keys, values = self.buffers[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        self.sizes[layer] = end
+        return keys[:, :, :end], values[:, :, :end]
+
+    def place(self, rows, part, batch_size, length):
+        """Copy a cache filled for some rows of a left-padded batch into those rows, right-aligned.
+
+        part holds (len(rows), H_kv, n, hd) per layer; here every layer gets `length` positions, and
+        the n of `rows` are the last n (positions before them are padding, masked by attention).
+        """
+        for layer, ((keys, values), n) in enumerate(zip(part.buffers, part.sizes)):
+            self.reserve(layer, keys, batch_size, length)
+            self.buffers[layer][0][rows, :, length - n:length] = keys[:, :, :n]
+            self.buffers[layer][1][rows, :, length - n:length] = values[:, :, :n]
+            self.sizes[layer] = length
 
 
 def attend(q, k, v, mask, layer, kv_cache):

@@ -25,10 +25,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from types import SimpleNamespace
+
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
 import data  # noqa: E402
 import generate  # noqa: E402
 import llm_loader  # noqa: E402
@@ -36,6 +39,7 @@ import losses  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
 from llm_loader import load_llm  # noqa: E402
+from model import ModelConfig  # noqa: E402
 from retriever import SPT, prompted_inputs  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -1055,6 +1059,31 @@ def test_batched_decoding_equals_one_by_one():
     assert batched == single and any(batched)
 
 
+def test_insert_prompts_puts_each_prompt_before_the_first_real_token():
+    prompts = torch.tensor([[[1.0], [2.0]], [[3.0], [4.0]]])  # B=2, L=2, E=1
+    tokens = torch.tensor([[[0.0], [7.0], [8.0]], [[5.0], [6.0], [9.0]]])  # row 0 has one pad (0.0) on the left
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    embeds, full_mask = generate.insert_prompts(prompts, tokens, mask)
+    assert embeds[0, 1:].flatten().tolist() == [1, 2, 7, 8] and embeds[1].flatten().tolist() == [3, 4, 5, 6, 9]
+    assert full_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+
+
+def test_grouped_prefill_and_growing_cache_match_full_forward():
+    llm, tok, encoded, _ = tiny_batch(n=5, max_len=512)
+    ids, mask = data.left_pad_prompts(encoded, tok.pad_id)
+    assert len(train.length_groups(mask.sum(1))) > 1  # the prefill really runs in groups
+    embeds, mask = generate.insert_prompts(torch.randn(5, 2, llm.embed_dim), llm.embed(ids), mask)
+    cache, logits = generate.prefill(llm, embeds, mask)
+    real = mask.bool()
+    assert (logits - llm(inputs_embeds=embeds, attention_mask=mask)[:, -1]).abs().max().item() < 1e-5
+    new_tokens = torch.randint(0, 256, (5, 70))  # 70 steps: the cache buffers grow past their first capacity
+    for step in range(70):
+        mask = torch.cat([mask, mask.new_ones(5, 1)], dim=1)
+        step_logits = llm(input_ids=new_tokens[:, step:step + 1], attention_mask=mask, kv_cache=cache)[:, -1]
+    full = llm(inputs_embeds=torch.cat([embeds, llm.embed(new_tokens)], 1), attention_mask=mask)[:, -1]
+    assert real.sum() > 0 and (step_logits - full).abs().max().item() < 1e-5
+
+
 def test_kv_cache_decoding_matches_full_forward_greedy():
     llm, tok, encoded, _ = tiny_batch(n=2, max_len=96)
     ids, mask = data.left_pad_prompts(encoded, tok.pad_id)
@@ -1094,6 +1123,18 @@ def test_top_p_sampling():
 def test_stop_markers_cut_responses():
     assert generate.cut_at_stop("i like dogs . Q: and you") == ("i like dogs .", True)
     assert generate.cut_at_stop("no marker here") == ("no marker here", False)
+
+
+def test_chat_answers_and_obeys_commands(tmp_path):
+    train.train(train.parse_args(TINY + ["--max-steps", "1", "--max-len", "64", "--out", str(tmp_path)]))
+    typed = "hello there\npersona\npersona i am a pilot. i love cats.\nwhat do you like?\nclear\nexit\n"
+    done = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path), "--chat", "--persona", "i love hiking.",
+                           "--max-new-tokens", "4"], cwd=ROOT, input=typed, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("bot [prompt ") == 2  # one answer per message, naming the prompt Eq. 7 chose
+    assert "you> persona: i love hiking." in done.stdout
+    assert "persona: i am a pilot. i love cats." in done.stdout
+    assert "(dialogue cleared)" in done.stdout
 
 
 @pytest.mark.parametrize("script, flags, expected", [
@@ -1435,7 +1476,7 @@ def test_cli_single_file(tmp_path, capsys):
     # ROUGE-L: LCS "i like dogs" 3 -> 0.75, mean 37.50; DIST-1: 4 of 4 = 100; DIST-2: 3 of 3 = 100
     # persona-BLEU: refs "i like big dogs ." (5) + "i am tall ." (4): same precisions, BP = exp(1 - 9/4):
     #   100 * 0.286505 * 0.353553 = 10.13
-    assert out[1].split() == [base, "37.50", "21.44", "37.50", "16.67", "37.50", "100.00", "100.00",
+    assert out[1].split() == ["base.jsonl", "37.50", "21.44", "37.50", "16.67", "37.50", "100.00", "100.00",
                               "10.13", "-", "-"]
     assert out[3:8] == ["prompt usage by turn (2 responses)",
                         "turn   sp0   sp1 total",
@@ -1511,3 +1552,39 @@ def test_cli_plot_without_matplotlib(tmp_path, capsys):
     png = tmp_path / "usage.png"
     metrics.main([path, "--plot", str(png)])
     assert f"matplotlib is not installed, {png} not written (pip install matplotlib)" in capsys.readouterr().out
+
+
+# ============================================================================= bench.py: the reference computes what train.step_loss computes
+
+def tiny_setup(*flags):
+    args = bench.parse_args(["--quick", "--data", "demo", "--batch-size", "3", "-K", "2", "-L", "2", "--steps", "1", *flags])
+    llm, tok = bench.load_llm("tiny")
+    return args, llm, tok, bench.hf_llama(llm), bench.bench_batches(tok, args, torch.device("cpu"))
+
+
+def test_reference_and_ours_agree_on_loss_and_gradients():
+    args, llm, tok, hf, batches = tiny_setup()
+    assert len(batches) == 2 and batches[0].input_ids.shape[0] == 3
+    result = bench.check_agreement(llm, hf, args, batches[0])
+    assert result["agree"] and result["loss_abs_diff"] < 1e-5
+    assert all(diff < 1e-6 for diff in result["parts_abs_diff"].values())
+    assert set(result["grad_max_abs_diff"]) == {"soft_prompts", "lin_context.weight", "lin_context.bias",
+                                                "lin_prompt.weight", "lin_prompt.bias"}
+    assert result["grad_max_abs"]["soft_prompts"] > 0
+    assert all(diff < 1e-6 for diff in result["grad_max_abs_diff"].values())
+
+
+def test_greedy_decoding_gives_the_same_ids_on_both_sides():
+    args, llm, tok, hf, batches = tiny_setup("--new-tokens", "5", "--decode-repeats", "1")
+    result = bench.bench_decode(llm, hf, tok, args, batches[0])
+    assert result["tokens_equal"] == 1.0
+    assert result["ours"]["tokens_per_s"] > 0 and result["reference"]["tokens_per_s"] > 0
+
+
+def test_train_step_flops_by_hand():
+    config = ModelConfig("llama", vocab_size=10, hidden_size=4, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=8)
+    batch = SimpleNamespace(attention_mask=torch.tensor([[1, 1, 1], [1, 0, 0]]),
+                            target_mask=torch.tensor([[False, True, True], [False, False, False]]))
+    # P = q 16 + o 16 + k 8 + v 8 + mlp 96 = 144; d = 4; prompted lengths n = 4 and 2
+    # per sequence 4 P n + 3 * 2 d n (n + 1): 2304 + 480 and 1152 + 144; LM head 4 V E x 2 targets = 320
+    assert bench.train_step_flops(config, batch, num_prompts=2, prompt_len=1) == 2 * (2784 + 1296 + 320)

