@@ -179,7 +179,7 @@ def reference_loss(peft_model, retriever, batch):
 
 
 def check_agreement(llm, hf, args, batch):
-    """Total loss, its parts and the gradients of both sides on one batch; exits when they disagree."""
+    """Total loss, its parts and the gradients of both sides on one batch; result["agree"] says whether they match."""
     spt = make_spt(args, llm.embed_dim, batch.input_ids.device)
     ref_retriever = copy.deepcopy(spt)
     peft_model = peft_prompts(hf, spt)
