@@ -22,7 +22,8 @@ Training step (forward + backward; the optimizer step is excluded on both sides)
   on CUDA, torch.cuda.max_memory_allocated.
 Decoding: greedy, KV cache, a batch of contexts with their retriever-chosen prompts, exactly
   --new-tokens tokens on both sides (no EOS stop): our model loop (the calls generate.generate makes)
-  versus transformers' generate(inputs_embeds=..., eos_token_id=None).
+  versus transformers' generate(inputs_embeds=..., eos_token_id=None); each side in a fresh process,
+  the median of --decode-repeats runs after a warm-up.
 Efficiency: useful FLOPs of the training step (train_step_flops) per second, as a percentage of the
   float32 matmul rate measured in the same run.
 """
@@ -74,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed training steps per side (after one warm-up step)")
     p.add_argument("--max-len", type=int, default=512, help="text tokens per example (train.py's default)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per context")
-    p.add_argument("--decode-repeats", type=int, default=3, help="timed decodes per side (after one warm-up)")
+    p.add_argument("--decode-repeats", type=int, default=5, help="timed decodes per side (after one warm-up)")
     p.add_argument("--seed", type=int, default=0, help="seeds the example selection and the soft prompts")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of both sides")
@@ -331,32 +332,45 @@ def greedy_reference(hf, embeds, mask, new_tokens, pad_id):
     return hf.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
 
 
-def bench_decode(llm, hf, tok, args, batch):
-    """Greedy decoding of batch's contexts, each with its retriever-chosen prompt (Eq. 7), on both sides."""
-    device = batch.input_ids.device
+def decode_side(side, args):
+    """One side's greedy decoding in this (fresh) process: times (s) of --decode-repeats runs after a
+    warm-up, and the tokens (B, new_tokens) as lists. The batch's contexts each get their
+    retriever-chosen prompt (Eq. 7), laid out as generate() lays them out."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    llm, tok = load_llm(args.model, device=device)
+    batch = bench_batches(tok, args, device)[0]
     spt = make_spt(args, llm.embed_dim, device)
     encoded = [data.encode_example(ex, tok, args.max_len) for ex in batch.examples]
     ids, mask = (t.to(device) for t in data.left_pad_prompts(encoded, tok.pad_id))  # (B, T) left-padded
     chosen, _ = select_prompts(llm, spt, ids, mask)
     with torch.no_grad():  # generate()'s layout: left padding, then each row's prompt and context
         embeds, mask = insert_prompts(spt.soft_prompts[chosen], llm.embed(ids), mask)  # (B, L+T, E), (B, L+T)
-    runs = {"ours": partial(greedy_ours, llm, embeds, mask, args.new_tokens),
-            "reference": partial(greedy_reference, hf, embeds, mask, args.new_tokens, tok.pad_id)}
-    result, outputs = {}, {}
-    for side, run in runs.items():
-        run()  # warm-up
-        times = []
-        for _ in range(args.decode_repeats):
-            sync(device)
-            start = time.perf_counter()
-            outputs[side] = run()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        result[side] = {"times": times, "tokens_per_s": outputs[side].numel() / statistics.median(times)}
-    if outputs["ours"].shape != outputs["reference"].shape:
-        sys.exit(f"error: ours produced {tuple(outputs['ours'].shape)} tokens, the reference "
-                 f"{tuple(outputs['reference'].shape)}; fix greedy_reference in bench.py")
-    result["tokens_equal"] = (outputs["ours"] == outputs["reference"]).double().mean().item()
+    if side == "ours":
+        run = partial(greedy_ours, llm, embeds, mask, args.new_tokens)
+    else:
+        hf = hf_llama(llm)
+        del llm
+        run = partial(greedy_reference, hf, embeds, mask, args.new_tokens, tok.pad_id)
+    run()  # warm-up
+    times = []
+    for _ in range(args.decode_repeats):
+        sync(device)
+        start = time.perf_counter()
+        tokens = run()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return {"times": times, "tokens_per_s": tokens.numel() / statistics.median(times), "tokens": tokens.tolist()}
+
+
+def bench_decode(args):
+    """Both sides' decoding, each in a fresh process, and the share of greedy tokens they agree on."""
+    result = {side: run_in_fresh_process(decode_side, side, args) for side in ("ours", "reference")}
+    ours, reference = (torch.tensor(result[side].pop("tokens")) for side in ("ours", "reference"))
+    if ours.shape != reference.shape:
+        sys.exit(f"error: ours produced {tuple(ours.shape)} tokens, the reference {tuple(reference.shape)}; "
+                 "fix greedy_reference in bench.py")
+    result["tokens_equal"] = (ours == reference).double().mean().item()
     return result
 
 
@@ -380,7 +394,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     llm, tok = load_llm(args.model, device=device)
-    hf = hf_llama(llm)
+    hf_llama(llm)  # refuses a non-Llama model before any work
     batches = bench_batches(tok, args, device)
     c = llm.config
     print(f"model {args.model} ({sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M, {c.num_layers} layers, "
@@ -417,8 +431,8 @@ def main(argv=None):
                  ("train peak memory (MB)", train["ours"]["peak_mb"], train["reference"]["peak_mb"]),
                  ("efficiency (% of matmul GFLOP/s)", train["ours"]["efficiency_pct"], train["reference"]["efficiency_pct"])]
     if "decode" in args.parts:
-        print(f"decoding {args.batch_size} contexts x {args.new_tokens} tokens, {args.decode_repeats} times per side ...", flush=True)
-        results["decode"] = decode = bench_decode(llm, hf, tok, args, batches[0])
+        print(f"decoding {args.batch_size} contexts x {args.new_tokens} tokens, {args.decode_repeats} times per side, each side in a fresh process ...", flush=True)
+        results["decode"] = decode = bench_decode(args)
         rows.append(("decode tokens/s", decode["ours"]["tokens_per_s"], decode["reference"]["tokens_per_s"]))
         print(f"greedy tokens equal: {100 * decode['tokens_equal']:.1f}%")
     if "train" in args.parts:

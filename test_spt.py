@@ -39,7 +39,7 @@ import losses  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
 from llm_loader import load_llm  # noqa: E402
-from model import ModelConfig  # noqa: E402
+from model import Linear, ModelConfig  # noqa: E402
 from retriever import SPT, prompted_inputs  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -476,6 +476,21 @@ def test_smollm2_matches_transformers_gguf_loading(smollm2):
         d = (model(input_ids=ids) - hf(input_ids=ids).logits).abs().max().item()
     print(f"\nPARITY smollm2_q4_1_gguf vs transformers gguf: ids={d:.2e}")
     assert d < 1e-3
+
+
+def test_linear_few_rows_path_equals_f_linear():
+    """model.Linear computes up to 8 rows as (W @ x^T)^T: the same values and gradients as F.linear."""
+    torch.manual_seed(0)
+    layer = Linear(16, 24)
+    for shape in [(1, 1, 16), (8, 1, 16), (2, 3, 16), (3, 5, 16)]:  # 1, 8, 6 rows take the few-rows path; 15 do not
+        x = torch.randn(*shape, requires_grad=True)
+        y = layer(x)
+        expected = F.linear(x, layer.weight, layer.bias)
+        assert y.shape == expected.shape and y.is_contiguous()
+        assert (y - expected).abs().max() < 1e-6
+        (grad,) = torch.autograd.grad(y.square().sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+        assert (grad - expected_grad).abs().max() < 1e-5
 
 
 # ============================================================================= data.py
@@ -1575,10 +1590,11 @@ def test_reference_and_ours_agree_on_loss_and_gradients():
 
 
 def test_greedy_decoding_gives_the_same_ids_on_both_sides():
-    args, llm, tok, hf, batches = tiny_setup("--new-tokens", "5", "--decode-repeats", "1")
-    result = bench.bench_decode(llm, hf, tok, args, batches[0])
-    assert result["tokens_equal"] == 1.0
-    assert result["ours"]["tokens_per_s"] > 0 and result["reference"]["tokens_per_s"] > 0
+    args = tiny_setup("--new-tokens", "5", "--decode-repeats", "1")[0]
+    ours, reference = (bench.decode_side(side, args) for side in ("ours", "reference"))
+    assert torch.tensor(ours["tokens"]).shape == (3, 5)
+    assert ours["tokens"] == reference["tokens"]
+    assert ours["tokens_per_s"] > 0 and reference["tokens_per_s"] > 0
 
 
 def test_train_step_flops_by_hand():
