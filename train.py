@@ -150,11 +150,13 @@ def target_logprobs_from_hidden(llm, hidden, input_ids, target_mask, prompt_len)
     return target_logprobs
 
 
-def length_groups(lengths, max_padding=0.15):
+def length_groups(lengths, max_padding=0.05):
     """Split examples into groups of similar length whose padding stays under max_padding of their tokens.
 
     lengths (B,) -> list of index tensors, longest first. Each group is one forward of the LLM; padding
-    is work for nothing, and random batches of dialogue contexts vary in length by 3x or more.
+    is work for nothing, and random batches of dialogue contexts vary in length by 3x or more. A group
+    of 50+ token rows already runs its matmuls near the peak rate, so more, smaller groups with less
+    padding win: SmolLM2 steps were 7% faster with 5% than with 15%.
     """
     order = lengths.argsort(descending=True).tolist()
     groups, current = [], []
