@@ -72,16 +72,16 @@ def prefill(llm, embeds, mask):
     Rows run in groups of similar length (padding is work for nothing) and their keys and values
     are laid side by side, right-aligned, in one cache for the batched decoding steps.
     """
-    B, T, _ = embeds.shape
+    B, T, E = embeds.shape
     cache = llm.new_kv_cache()
-    logits = torch.empty(B, llm.config.vocab_size, device=embeds.device)
+    last_hidden = embeds.new_empty(B, E)  # (B, E) the states the next tokens come from
     for rows in length_groups(mask.sum(1)):
         n = int(mask[rows].sum(1).max())
         part = llm.new_kv_cache()
         hidden = llm(inputs_embeds=embeds[rows, T - n:], attention_mask=mask[rows, T - n:], kv_cache=part, return_hidden=True)
-        logits[rows] = llm.lm_head(hidden[:, -1]).float()  # the LM head only where the next token comes from
+        last_hidden[rows] = hidden[:, -1]
         cache.place(rows, part, B, T)
-    return cache, logits
+    return cache, llm.lm_head(last_hidden).float()  # the LM head only where the next token comes from
 
 
 @torch.no_grad()
