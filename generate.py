@@ -66,14 +66,15 @@ def insert_prompts(soft_prompts, token_embeds, mask):
     return combined.gather(1, source[..., None].expand(B, L + T, E)), (cols >= pads).to(mask.dtype)
 
 
-def prefill(llm, embeds, mask):
+def prefill(llm, embeds, mask, new_tokens=0):
     """KV cache and next-token logits (B, V) of left-padded prompted inputs embeds (B, T, E), mask (B, T).
 
     Rows run in groups of similar length (padding is work for nothing) and their keys and values
-    are laid side by side, right-aligned, in one cache for the batched decoding steps.
+    are laid side by side, right-aligned, in one cache for the batched decoding steps, with room
+    for new_tokens more.
     """
     B, T, E = embeds.shape
-    cache = llm.new_kv_cache()
+    cache = llm.new_kv_cache(capacity=T + new_tokens)
     last_hidden = embeds.new_empty(B, E)  # (B, E) the states the next tokens come from
     for rows in length_groups(mask.sum(1)):
         n = int(mask[rows].sum(1).max())
@@ -90,7 +91,7 @@ def decode_steps(llm, embeds, mask, max_new_tokens, top_p=0.0, temperature=1.0, 
 
     embeds (B, T, E) and mask (B, T) are the whole prompted inputs, left-padded.
     """
-    cache, logits = prefill(llm, embeds, mask)
+    cache, logits = prefill(llm, embeds, mask, max_new_tokens)
     for step in range(max_new_tokens):
         token = next_tokens(logits, top_p, temperature, generator)  # (B,)
         yield token

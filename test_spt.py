@@ -1099,6 +1099,22 @@ def test_grouped_prefill_and_growing_cache_match_full_forward():
     assert real.sum() > 0 and (step_logits - full).abs().max().item() < 1e-5
 
 
+def test_prefill_reserves_room_for_new_tokens():
+    llm, tok, encoded, _ = tiny_batch(n=3, max_len=512)
+    ids, mask = data.left_pad_prompts(encoded, tok.pad_id)
+    embeds, mask = generate.insert_prompts(torch.randn(3, 2, llm.embed_dim), llm.embed(ids), mask)
+    cache, _ = generate.prefill(llm, embeds, mask, new_tokens=10)
+    keys = cache.buffers[0][0]
+    assert keys.shape[2] == mask.shape[1] + 10
+    new_tokens = torch.randint(0, 256, (3, 10))
+    for step in range(10):
+        mask = torch.cat([mask, mask.new_ones(3, 1)], dim=1)
+        step_logits = llm(input_ids=new_tokens[:, step:step + 1], attention_mask=mask, kv_cache=cache)[:, -1]
+    assert cache.buffers[0][0].data_ptr() == keys.data_ptr()  # written in place, never copied
+    full = llm(inputs_embeds=torch.cat([embeds, llm.embed(new_tokens)], 1), attention_mask=mask)[:, -1]
+    assert (step_logits - full).abs().max().item() < 1e-5
+
+
 def test_kv_cache_decoding_matches_full_forward_greedy():
     llm, tok, encoded, _ = tiny_batch(n=2, max_len=96)
     ids, mask = data.left_pad_prompts(encoded, tok.pad_id)
