@@ -1,7 +1,7 @@
 """Benchmark SPT training and decoding against a transformers + peft reference on the same frozen LLM.
 
     python bench.py --quick                   # tiny random Llama, under a minute on an idle machine
-    python bench.py --model smollm2           # SmolLM2-135M, 10-15 minutes on 2 CPU cores
+    python bench.py --model smollm2           # SmolLM2-135M, about 9 minutes on 2 CPU cores
     python bench.py --model smollm2 --parts decode --json decode.json
 
 Both sides get the same weights (a transformers LlamaForCausalLM loaded with our state dict, whose
@@ -404,7 +404,7 @@ def main(argv=None):
     results = {"command": shlex.join(["python", *sys.argv]), "args": {**vars(args), "parts": sorted(args.parts)},
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
     rows = []
-    if "decode" in args.parts:  # first: right after a child of 15 GB exits, this machine runs slower for a while
+    if "decode" in args.parts:  # first: timed after the 15 GB reference training child, ours ran 10-40% slower
         print(f"decoding {args.batch_size} contexts x {args.new_tokens} tokens, {args.decode_repeats} times per side, each side in a fresh process ...", flush=True)
         results["decode"] = decode = bench_decode(args)
         print(f"greedy tokens equal: {100 * decode['tokens_equal']:.1f}%")

@@ -74,7 +74,7 @@ def prefill(llm, embeds, mask, new_tokens=0):
     for new_tokens more.
     """
     B, T, E = embeds.shape
-    cache = llm.new_kv_cache(capacity=T + new_tokens)
+    cache = llm.new_kv_cache(initial_capacity=T + new_tokens)
     last_hidden = embeds.new_empty(B, E)  # (B, E) the states the next tokens come from
     for rows in length_groups(mask.sum(1)):
         n = int(mask[rows].sum(1).max())

@@ -46,15 +46,16 @@ class ModelConfig:
 class KVCache:
     """Keys and values of every layer seen so far, for decoding (no gradients flow through it).
 
-    Each layer keeps (B, H_kv, capacity, hd) buffers, at first `capacity` positions (give the prompt
-    length plus the tokens to come, and they never move), doubling when full, so a decoding step
-    writes its new entries in place instead of copying the whole cache; attention reads the first `length`.
+    Each layer keeps (B, H_kv, capacity, hd) buffers. They start with room for initial_capacity
+    positions (give the prompt length plus the tokens to come, and they never move) and double when
+    full, so a decoding step writes its entries in place instead of copying the whole cache;
+    attention reads the first `length`.
     """
 
-    def __init__(self, num_layers, capacity=64):
+    def __init__(self, num_layers, initial_capacity=64):
         self.buffers = [None] * num_layers  # (keys, values) per layer
         self.sizes = [0] * num_layers
-        self.capacity = capacity
+        self.initial_capacity = initial_capacity
 
     @property
     def length(self):
@@ -66,7 +67,7 @@ class KVCache:
         if old is not None and old[0].shape[2] >= size:
             return
         _, heads, _, head_dim = like.shape
-        capacity = max(size, self.capacity if old is None else 2 * old[0].shape[2])
+        capacity = max(size, self.initial_capacity if old is None else 2 * old[0].shape[2])
         new = tuple(like.new_zeros(batch_size, heads, capacity, head_dim) for _ in range(2))
         if old is not None:
             for new_buffer, old_buffer in zip(new, old):
@@ -338,8 +339,8 @@ class LLM(nn.Module):
         """(B, T) token ids -> (B, T, E) token embeddings."""
         return self.model.embed_tokens(input_ids)
 
-    def new_kv_cache(self, capacity=64):
-        return KVCache(self.config.num_layers, capacity)
+    def new_kv_cache(self, initial_capacity=64):
+        return KVCache(self.config.num_layers, initial_capacity)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, kv_cache=None, return_hidden=False):
         """Logits (B, T, V) in float32, or final hidden states (B, T, E) when return_hidden.
