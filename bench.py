@@ -203,12 +203,19 @@ def check_agreement(llm, hf, args, batch):
     return result
 
 
+def load_in_child(args):
+    """What each fresh process starts with: the thread count, then the model, its tokenizer, the batches and the device."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    llm, tok = load_llm(args.model, device=device)
+    return llm, tok, bench_batches(tok, args, device), device
+
+
 def agreement_side(args):
     """check_agreement on the first batch, in a fresh process: its autograd graphs hold gigabytes
     that the allocator would keep in this process's memory while the timed children run."""
-    torch.set_num_threads(args.threads)
-    llm, tok = load_llm(args.model, device=torch.device(args.device))
-    return check_agreement(llm, hf_llama(llm), args, bench_batches(tok, args, torch.device(args.device))[0])
+    llm, _, batches, _ = load_in_child(args)
+    return check_agreement(llm, hf_llama(llm), args, batches[0])
 
 
 # ----------------------------------------------------------------------------- timing and memory
@@ -246,10 +253,7 @@ def proc_status_kb(field):
 
 def train_side(side, args):
     """One side's training steps in this (fresh) process: step times (s) and peak memory above the loaded model (MB)."""
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    llm, tok = load_llm(args.model, device=device)
-    batches = bench_batches(tok, args, device)
+    llm, tok, batches, device = load_in_child(args)
     spt = make_spt(args, llm.embed_dim, device)
     if side == "ours":
         step, params = partial(ours_loss, llm, spt), list(spt.parameters())
@@ -336,10 +340,8 @@ def decode_side(side, args):
     """One side's greedy decoding in this (fresh) process: times (s) of --decode-repeats runs after a
     warm-up, and the tokens (B, new_tokens) as lists. The batch's contexts each get their
     retriever-chosen prompt (Eq. 7), laid out as generate() lays them out."""
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    llm, tok = load_llm(args.model, device=device)
-    batch = bench_batches(tok, args, device)[0]
+    llm, tok, batches, device = load_in_child(args)
+    batch = batches[0]
     spt = make_spt(args, llm.embed_dim, device)
     encoded = [data.encode_example(ex, tok, args.max_len) for ex in batch.examples]
     ids, mask = (t.to(device) for t in data.left_pad_prompts(encoded, tok.pad_id))  # (B, T) left-padded
