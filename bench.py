@@ -58,7 +58,7 @@ from llm_loader import load_llm
 from retriever import SPT
 
 CONVAI2_VALID = Path(__file__).resolve().parent.parent / "shared" / "data" / "convai2" / "valid_self_original_no_cands.txt"
-LOSS_ARGS = train.parse_args([])  # train.py's defaults: all lambdas 1, tau_g 1, Gamma 20, no noise
+LOSS_ARGS = train.parse_args([])  # train.py's defaults: the paper recipe, all lambdas 1, tau_g 1, Gamma 20, no noise
 TOLERANCE = 1e-4
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated transformers API
 

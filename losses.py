@@ -28,20 +28,47 @@ def fusion_loss(target_logprobs, target_mask):
     """Eq. 5: NLL of p_fused = (1/K) sum_i p_i, in log space; per-example token mean, then batch mean."""
     K = target_logprobs.shape[1]
     fused = torch.logsumexp(target_logprobs, dim=1) - math.log(K)  # (B, T)
-    return -masked_token_mean(fused, target_mask).mean()
+    return fused_nll(fused, target_mask)
 
 
-def selection_loss(scores, prompt_losses, tau_g=1.0, feedback_noise=0.0):
-    """Eq. 3: KL(q || p), q = softmax(-L / tau_g) the LLM's feedback (a fixed target), p = softmax(s).
+def fused_nll(fused_logprobs, target_mask):
+    """NLL of a fused prediction, fused_logprobs (B, T) = log p_fused(y_t): per-example token mean, then batch mean."""
+    return -masked_token_mean(fused_logprobs, target_mask).mean()
 
-    scores, prompt_losses: (B, K). feedback_noise adds alpha * N(0, 1) to q (A.8); the noisy q is
-    clamped at 0 and renormalised so the KL stays defined. Mean over the batch.
+
+def score_logits_logprobs(logits, weights, targets):
+    """The authors' fusion (their public code, not Eq. 5): log softmax(sum_k s_k * logits_k)[y].
+
+    logits (K, N, V) of the K prompts at N target positions, weights (N, K) the retriever scores s
+    of each position's example, targets (N,) -> (N,). Unlike Eq. 5's uniform average, the scores
+    weight the prompts, so this term's gradient reaches the retriever and favours the prompts it
+    scores high; fused_nll of these values is the loss.
+    """
+    fused = torch.einsum("nk,knv->nv", weights.to(logits.dtype), logits)  # (N, V)
+    return fused.gather(-1, targets[:, None]).squeeze(-1) - fused.logsumexp(-1)
+
+
+def pooled_nll(target_logprobs, target_mask):
+    """The authors' NLL term (their public code, not Eq. 6's sum over prompts): one mean over the
+    target tokens of all K prompted copies of the batch. target_logprobs (B, K, T) -> scalar."""
+    K = target_logprobs.shape[1]
+    mask = target_mask[:, None, :].to(target_logprobs.dtype)
+    return -(target_logprobs * mask).sum() / (K * mask.sum()).clamp(min=1.0)
+
+
+def selection_loss(scores, prompt_losses, tau_g=1.0, feedback_noise=0.0, tau_s=1.0):
+    """Eq. 3: KL(q || p), q = softmax(-L / tau_g) the LLM's feedback (a fixed target), p = softmax(s / tau_s).
+
+    scores, prompt_losses: (B, K). tau_s is the authors' `tau_sim` (1 leaves Eq. 3 as printed): with s in
+    [0, 1], p can put at most e^(1/tau_s) / (e^(1/tau_s) + K - 1) on one prompt. feedback_noise adds
+    alpha * N(0, 1) to q (A.8); the noisy q is clamped at 0 and renormalised so the KL stays defined.
+    Mean over the batch.
     """
     q = F.softmax(-prompt_losses.detach().float() / tau_g, dim=-1)
     if feedback_noise > 0:
         q = (q + feedback_noise * torch.randn_like(q)).clamp(min=0)
         q = q / q.sum(-1, keepdim=True).clamp(min=1e-12)
-    log_p = F.log_softmax(scores.float(), dim=-1)
+    log_p = F.log_softmax(scores.float() / tau_s, dim=-1)
     return (torch.xlogy(q, q) - q * log_p).sum(-1).mean()
 
 
@@ -76,24 +103,30 @@ def bleu_matrix(texts):
 
 
 def total_loss(target_logprobs, target_mask, scores=None, bleu=None, tau_g=1.0, threshold=20.0,
-               lambda_con=1.0, lambda_sel=1.0, lambda_fusion=1.0, feedback_noise=0.0, pair_scores=None):
+               lambda_con=1.0, lambda_sel=1.0, lambda_fusion=1.0, feedback_noise=0.0, pair_scores=None,
+               tau_s=1.0, nll_reduction="sum", fused_logprobs=None):
     """Eq. 6: sum_i mean_b L[b, i] + lambda1 L_con + lambda2 L_sel + lambda3 L_fusion.
 
     A term whose lambda is 0 is skipped (the ablations of Table 2; the PT baseline sets all three
     to 0 and needs no scores). pair_scores (B', K) with bleu (B', B') are what Eq. 4 pairs over:
     by default the batch's own scores; under data parallelism, every process's scores.
-    Returns (total, parts) with parts the detached scalar terms.
+    The authors' code differs in two places, each an option: nll_reduction="mean" replaces the sum
+    over prompts by pooled_nll, and fused_logprobs (B, T) from score_logits_logprobs replaces
+    Eq. 5's average. Returns (total, parts) with parts the detached scalar terms.
     """
     prompt_losses = soft_prompt_losses(target_logprobs, target_mask)  # (B, K)
-    total = prompt_losses.mean(0).sum()
+    total = prompt_losses.mean(0).sum() if nll_reduction == "sum" else pooled_nll(target_logprobs, target_mask)
     parts = {"nll": total.detach()}
     if lambda_con:
         parts["con"] = contrastive_loss(scores if pair_scores is None else pair_scores, bleu, threshold)
         total = total + lambda_con * parts["con"]
     if lambda_sel:
-        parts["sel"] = selection_loss(scores, prompt_losses, tau_g, feedback_noise)
+        parts["sel"] = selection_loss(scores, prompt_losses, tau_g, feedback_noise, tau_s)
         total = total + lambda_sel * parts["sel"]
     if lambda_fusion:
-        parts["fusion"] = fusion_loss(target_logprobs, target_mask)
+        if fused_logprobs is None:
+            parts["fusion"] = fusion_loss(target_logprobs, target_mask)
+        else:
+            parts["fusion"] = fused_nll(fused_logprobs, target_mask)
         total = total + lambda_fusion * parts["fusion"]
     return total, {name: value.detach() for name, value in parts.items()}

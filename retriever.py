@@ -47,17 +47,22 @@ class SPT(nn.Module):
         """The soft prompts (K, L, E) and their scores (B, K); a forward, so data parallelism can wrap it."""
         return self.soft_prompts, self.scores(context_embeds, context_mask)
 
+    def context_vectors(self, context_embeds, context_mask):
+        """v_C (B, E) = mean over the real tokens of lin_C(emb_C); context_embeds (B, Tc, E), context_mask (B, Tc)."""
+        context_embeds = context_embeds.to(self.lin_context.weight.dtype)  # a bf16 LLM feeds a float32 retriever
+        return masked_mean(self.lin_context(context_embeds), context_mask)
+
     def scores(self, context_embeds, context_mask):
-        """Eq. 1: s (B, K) = softplus(cos(mean lin_C(emb_C), mean lin_sp(sp_i))).
+        """Eq. 1: s (B, K) = Softplus_10(cos(mean lin_C(emb_C), mean lin_sp(sp_i))), in [0, 1].
 
         context_embeds (B, Tc, E) are the frozen LLM's token embeddings of C = {P, U};
-        context_mask (B, Tc) excludes padding from the mean.
+        context_mask (B, Tc) excludes padding from the mean. beta = 10 with threshold 1 keeps s in
+        [0, 1] as the paper says (plain softplus gives [0.31, 1.31]); the authors' code uses the same.
         """
-        context_embeds = context_embeds.to(self.lin_context.weight.dtype)  # a bf16 LLM feeds a float32 retriever
-        v_context = masked_mean(self.lin_context(context_embeds), context_mask)  # (B, E)
+        v_context = self.context_vectors(context_embeds, context_mask)  # (B, E)
         v_prompts = self.lin_prompt(self.soft_prompts).mean(1)  # (K, E)
         raw = F.cosine_similarity(v_context[:, None, :], v_prompts[None, :, :], dim=-1)  # (B, K)
-        return F.softplus(raw)
+        return F.softplus(raw, beta=10, threshold=1)
 
 
 def prompted_inputs(soft_prompts, token_embeds, attention_mask):

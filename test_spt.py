@@ -846,6 +846,55 @@ def test_selection_loss_matches_kl_by_hand():
     assert got.item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_selection_loss_tau_s_divides_the_scores():
+    scores, prompt_losses = torch.tensor([[0.9, 0.1, 0.5]]), torch.tensor([[1.0, 3.0, 2.0]])
+    q = [math.exp(-x) for x in (1.0, 3.0, 2.0)]
+    q = [x / sum(q) for x in q]
+    p = [math.exp(x / 0.25) for x in (0.9, 0.1, 0.5)]
+    p = [x / sum(p) for x in p]
+    expected = sum(qi * (math.log(qi) - math.log(pi)) for qi, pi in zip(q, p))
+    assert losses.selection_loss(scores, prompt_losses, tau_s=0.25).item() == pytest.approx(expected, abs=1e-6)
+    assert losses.selection_loss(scores, prompt_losses, tau_s=1.0).item() != pytest.approx(expected, abs=1e-3)
+
+
+def test_score_logits_fusion_by_hand():
+    """The authors' fusion: cross-entropy of sum_k s_k * logits_k, written out for 2 prompts, 3 tokens, 4 words."""
+    logits = torch.tensor([[[1.0, 0.0, -1.0, 2.0], [0.5, 0.5, 0.0, 0.0], [3.0, 1.0, 0.0, -2.0]],
+                           [[0.0, 2.0, 1.0, 0.0], [-1.0, 0.0, 2.0, 1.0], [0.0, 0.0, 0.0, 1.0]]])  # (K=2, N=3, V=4)
+    weights = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])  # (N, K)
+    targets = torch.tensor([3, 2, 0])
+    got = losses.score_logits_logprobs(logits, weights, targets)
+    for n in range(3):
+        fused = [weights[n, 0].item() * logits[0, n, v].item() + weights[n, 1].item() * logits[1, n, v].item() for v in range(4)]
+        expected = fused[targets[n]] - math.log(sum(math.exp(x) for x in fused))
+        assert got[n].item() == pytest.approx(expected, abs=1e-6)
+    mask = torch.tensor([[True, True], [True, False]])  # example 0: tokens 0, 1; example 1: token 2
+    fused_logprobs = torch.tensor([[got[0].item(), got[1].item()], [got[2].item(), 0.0]])
+    expected_loss = (-(got[0] + got[1]).item() / 2 - got[2].item()) / 2
+    assert losses.fused_nll(fused_logprobs, mask).item() == pytest.approx(expected_loss, abs=1e-6)
+    weights.requires_grad_(True)
+    losses.score_logits_logprobs(logits, weights, targets).sum().backward()
+    assert weights.grad.abs().min() > 0  # unlike Eq. 5, this term's gradient reaches the retriever's scores
+
+
+def test_pooled_nll_is_one_mean_over_all_prompts_tokens():
+    lp, mask = random_logprobs(3, 2, 6, seed=7)
+    tokens = [-lp[b, i, t].item() for b in range(3) for i in range(2) for t in range(6) if mask[b, t]]
+    assert losses.pooled_nll(lp, mask).item() == pytest.approx(sum(tokens) / len(tokens), abs=1e-6)
+    total, parts = losses.total_loss(lp, mask, lambda_con=0, lambda_sel=0, lambda_fusion=0, nll_reduction="mean")
+    assert total.item() == pytest.approx(sum(tokens) / len(tokens), abs=1e-6)
+    paper, _ = losses.total_loss(lp, mask, lambda_con=0, lambda_sel=0, lambda_fusion=0)
+    assert paper.item() == pytest.approx(losses.soft_prompt_losses(lp, mask).mean(0).sum().item(), abs=1e-6)
+
+
+def test_total_loss_takes_the_authors_fusion_when_given():
+    lp, mask = random_logprobs(2, 3, 5, seed=8)
+    fused = torch.randn(2, 5).clamp(max=-0.1)
+    total, parts = losses.total_loss(lp, mask, torch.rand(2, 3), lambda_con=0, lambda_sel=0, fused_logprobs=fused)
+    assert parts["fusion"].item() == pytest.approx(losses.fused_nll(fused, mask).item(), abs=1e-6)
+    assert parts["fusion"].item() != pytest.approx(losses.fusion_loss(lp, mask).item(), abs=1e-3)
+
+
 def test_selection_loss_feedback_is_a_fixed_target():
     scores = torch.rand(2, 3, requires_grad=True)
     prompt_losses = torch.rand(2, 3, requires_grad=True)
@@ -911,7 +960,23 @@ def test_retriever_scores_match_eq1_by_hand():
         for i in range(3):
             v_sp = spt.lin_prompt(spt.soft_prompts[i]).mean(0)
             raw = torch.dot(v_c, v_sp) / (v_c.norm() * v_sp.norm())
-            assert scores[b, i].item() == pytest.approx(math.log1p(math.exp(raw.item())), abs=1e-6)
+            x = raw.item()  # torch's Softplus(beta=10, threshold=1): linear once beta * x > 1
+            expected = x if 10 * x > 1 else math.log1p(math.exp(10 * x)) / 10
+            assert scores[b, i].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_retriever_scores_span_zero_to_one():
+    """Eq. 1's range: a prompt pointing along the context vector scores 1, against it ~0 (plain softplus: 0.31-1.31)."""
+    spt = SPT(num_prompts=3, prompt_len=1, embed_dim=4)
+    with torch.no_grad():
+        for lin in (spt.lin_context, spt.lin_prompt):
+            lin.weight.copy_(torch.eye(4))
+            lin.bias.zero_()
+        spt.soft_prompts.copy_(torch.tensor([[[1.0, 2, 0, 0]], [[-1.0, -2, 0, 0]], [[0.0, 0, 3, 0]]]))
+    scores = spt.scores(torch.tensor([[[2.0, 4, 0, 0]]]), torch.ones(1, 1))[0]
+    assert scores[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert 0 < scores[1].item() < 1e-4
+    assert scores[2].item() == pytest.approx(math.log(2) / 10, abs=1e-6)  # cos 0 -> log(2) / beta
 
 
 def test_retriever_gradients_reach_its_parts():
@@ -981,6 +1046,54 @@ def test_resume_refuses_other_flags(tmp_path):
         train.train(train.parse_args(TINY + ["--max-steps", "2", "--max-len", "64", "--out", str(tmp_path), "--resume", "-K", "2"]))
 
 
+def test_recipe_sets_the_loss_flags_and_an_explicit_flag_wins():
+    paper = train.parse_args([])
+    assert (paper.fusion, paper.contrast_text, paper.nll_reduction, paper.lambda_con, paper.lambda_sel) == (
+        "prob-mean", "context", "sum", 1.0, 1.0)
+    authors = train.parse_args(["--recipe", "authors"])
+    assert (authors.fusion, authors.contrast_text, authors.nll_reduction, authors.lambda_con, authors.lambda_sel) == (
+        "score-logits", "persona", "mean", 0.4, 0.4)
+    mixed = train.parse_args(["--recipe", "authors", "--fusion", "prob-mean", "--lambda-sel", "1"])
+    assert (mixed.fusion, mixed.contrast_text, mixed.lambda_sel, mixed.lambda_con) == ("prob-mean", "persona", 1.0, 0.4)
+    assert train.parse_args(["--recipe", "authors", "--method", "pt"]).lambda_con == 0.0
+
+
+@pytest.mark.parametrize("flag", ["--tau-s", "--tau-g"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_temperatures_must_be_positive(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args([flag, value])
+    assert f"{flag} must be > 0" in capsys.readouterr().err
+
+
+def test_contrast_texts_are_contexts_or_personas():
+    llm, tok, encoded, batch = tiny_batch(n=3)
+    assert train.contrast_texts(batch, "context") == [e.context_text for e in encoded]
+    assert train.contrast_texts(batch, "persona") == [" ".join(e.example.persona) for e in encoded]
+
+
+def test_authors_recipe_trains_records_its_settings_and_resume_refuses_a_change(tmp_path):
+    flags = TINY + ["--max-len", "64", "--recipe", "authors", "--tau-s", "0.5", "--out", str(tmp_path)]
+    train.train(train.parse_args(flags + ["--max-steps", "2"]))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert {k: config[k] for k in ("recipe", "fusion", "contrast_text", "nll_reduction", "lambda_con", "lambda_sel", "tau_s")} == {
+        "recipe": "authors", "fusion": "score-logits", "contrast_text": "persona", "nll_reduction": "mean",
+        "lambda_con": 0.4, "lambda_sel": 0.4, "tau_s": 0.5}
+    record = read_log(tmp_path / "log.jsonl")[-1]
+    assert {"q_max", "p_max", "agree", "distinct", "vc_cos", "grad_lin_context"} <= set(record)
+    assert 1 <= record["distinct"] <= 4 and sum(record["usage"]) == 8 and record["grad_lin_context"] > 0
+    with pytest.raises(ValueError, match="fusion='score-logits' but this run asks for 'prob-mean'"):
+        train.train(train.parse_args(flags + ["--max-steps", "3", "--resume", "--fusion", "prob-mean"]))
+    with pytest.raises(ValueError, match="tau_s=0.5 but this run asks for 1.0"):
+        train.train(train.parse_args(flags[:-4] + ["--out", str(tmp_path), "--max-steps", "3", "--resume"]))
+
+
+def test_usage_entropy_by_hand():
+    assert train.usage_entropy([5, 0, 0, 0]) == 0.0
+    assert train.usage_entropy([2, 2, 2, 2]) == pytest.approx(math.log(4))
+    assert train.usage_entropy([3, 1, 0, 0]) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
 def test_checkpoint_for_another_model_is_refused(tmp_path):
     train.train(train.parse_args(TINY + ["--max-steps", "1", "--max-len", "64", "--out", str(tmp_path)]))
     with pytest.raises(ValueError, match="embedding width 64 .*but this model has 576"):
@@ -1001,13 +1114,19 @@ def test_grouped_forward_equals_one_padded_forward():
     llm, tok, encoded, batch = tiny_batch(max_len=512)
     torch.manual_seed(0)
     spt = SPT(3, 2, llm.embed_dim)
-    grouped, _ = train.spt_forward(llm, spt, batch)
+    grouped, scores, fused = train.spt_forward(llm, spt, batch, score_fusion=True)
     assert len(train.length_groups(batch.attention_mask.sum(1))) > 1  # the batch really is split
     embeds, mask = prompted_inputs(spt.soft_prompts, llm.embed(batch.input_ids), batch.attention_mask)
     hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)
-    padded = train.target_logprobs_from_hidden(llm, hidden, batch.input_ids, batch.target_mask, 2)
+    padded, padded_fused = train.target_logprobs_from_hidden(llm, hidden, batch.input_ids, batch.target_mask, 2, scores)
     assert (grouped - padded).abs().max().item() < 1e-5
     assert torch.equal(grouped == 0, ~batch.target_mask[:, None, :].expand_as(grouped) | (padded == 0))
+    assert (fused - padded_fused).abs().max().item() < 1e-5
+    b, t = batch.target_mask.nonzero()[3].tolist()  # one target token, by hand from the full logits
+    logits = llm.lm_head(hidden.view(3, len(encoded), -1, llm.embed_dim)[:, b, 2 + t - 1])  # (K, V)
+    by_hand = (scores[b, :, None] * logits).sum(0).log_softmax(-1)[batch.input_ids[b, t]]
+    assert fused[b, t].item() == pytest.approx(by_hand.item(), abs=1e-5)
+    assert train.spt_forward(llm, spt, batch)[2] is None  # Eq. 5 needs no fused logits
 
 
 def test_length_groups_bound_padding():
@@ -1027,7 +1146,7 @@ def test_grad_checkpoint_gives_identical_gradients():
         torch.manual_seed(0)
         spt = SPT(4, 2, llm.embed_dim)
         llm.grad_checkpoint = checkpointing
-        loss, _, _ = train.step_loss(llm, spt, batch, args, world=1)
+        loss, _, _, _ = train.step_loss(llm, spt, batch, args, world=1)
         loss.backward()
         grads.append({name: p.grad.clone() for name, p in spt.named_parameters()})
     llm.grad_checkpoint = False

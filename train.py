@@ -11,6 +11,7 @@ only at target positions. Checkpoints hold the trainable parts only (safetensors
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +28,16 @@ from llm_loader import load_llm
 from retriever import SPT, prompted_inputs
 
 DEFAULT_CONVAI2 = Path("convai2") / "train_self_original_no_cands.txt"
+# Loss settings: the paper as printed, or the authors' public code (DESIGN.md, "The paper versus the
+# authors' public code"); the authors' weights are those of their OPT configs (their Llama-2 config uses 1).
+RECIPES = {
+    "paper": {"fusion": "prob-mean", "contrast_text": "context", "nll_reduction": "sum",
+              "lambda_con": 1.0, "lambda_sel": 1.0},
+    "authors": {"fusion": "score-logits", "contrast_text": "persona", "nll_reduction": "mean",
+                "lambda_con": 0.4, "lambda_sel": 0.4},
+}
+LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "tau_g", "tau_s", "gamma",
+                 "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
 
 
 def parse_args(argv=None):
@@ -55,12 +66,25 @@ def parse_args(argv=None):
                    help="micro-batches per optimizer step (Eq. 4 pairs are formed within a micro-batch)")
     p.add_argument("--max-len", type=int, default=512,
                    help="text tokens per example; longer ones drop their oldest turns first (DESIGN.md)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
+                   help="'paper': Eq. 1-6 as printed; 'authors': the authors' public code (score-logits fusion, "
+                        "persona BLEU, pooled NLL, lambda-con = lambda-sel = 0.4 as in their OPT configs). A flag given explicitly wins")
+    p.add_argument("--fusion", choices=["prob-mean", "score-logits"], default=None,
+                   help="Eq. 5 as printed (NLL of the mean of the K distributions), or the authors' cross-entropy "
+                        "of sum_k s_k * logits_k (default: from --recipe)")
+    p.add_argument("--contrast-text", choices=["context", "persona"], default=None,
+                   help="which texts Eq. 4's BLEU compares: the contexts (paper) or the personas (authors) (default: from --recipe)")
+    p.add_argument("--nll-reduction", choices=["sum", "mean"], default=None,
+                   help="Eq. 6's sum over prompts of each prompt's NLL (paper), or one mean over all prompts' "
+                        "target tokens (authors) (default: from --recipe)")
     p.add_argument("--tau-g", type=float, default=1.0, help="temperature of the LLM feedback softmax (Eq. 3)")
+    p.add_argument("--tau-s", type=float, default=1.0,
+                   help="temperature of the retriever softmax p = softmax(s / tau_s) (Eq. 3; the authors' tau_sim)")
     p.add_argument("--gamma", type=float, default=20.0, help="BLEU threshold (0-100) of similar context pairs (Eq. 4)")
-    p.add_argument("--lambda-con", type=float, default=1.0,
-                   help="lambda1, weight of the contrastive loss (Eq. 6); 0 switches it off")
-    p.add_argument("--lambda-sel", type=float, default=1.0,
-                   help="lambda2, weight of the selection loss (Eq. 6); 0 switches it off")
+    p.add_argument("--lambda-con", type=float, default=None,
+                   help="lambda1, weight of the contrastive loss (Eq. 6); 0 switches it off (default: from --recipe)")
+    p.add_argument("--lambda-sel", type=float, default=None,
+                   help="lambda2, weight of the selection loss (Eq. 6); 0 switches it off (default: from --recipe)")
     p.add_argument("--lambda-fusion", type=float, default=1.0,
                    help="lambda3, weight of the fusion loss (Eq. 6); 0 switches it off")
     p.add_argument("--feedback-noise", type=float, default=0.0,
@@ -82,6 +106,12 @@ def parse_args(argv=None):
     p.add_argument("--log", default=None, help="JSONL file with one object per step (default: OUT/log.jsonl)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     args = p.parse_args(argv)
+    for name, value in RECIPES[args.recipe].items():  # a flag given explicitly wins over the recipe
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("tau_g", "tau_s"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0 (it divides the {'losses' if name == 'tau_g' else 'scores'} in Eq. 3)")
     if args.method == "pt":
         args.num_prompts, args.lambda_con, args.lambda_sel, args.lambda_fusion = 1, 0.0, 0.0, 0.0
     if args.eval_every and not args.holdout:
@@ -132,11 +162,12 @@ def log(rank, *message):
 
 # ----------------------------------------------------------------------------- SPT forward
 
-def target_logprobs_from_hidden(llm, hidden, input_ids, target_mask, prompt_len):
+def target_logprobs_from_hidden(llm, hidden, input_ids, target_mask, prompt_len, fusion_scores=None):
     """log p(y_t) at the target tokens, with the LM head applied only there.
 
     hidden (K*B, L+T, E) final states of K prompted copies of B sequences; input_ids, target_mask (B, T)
-    -> (B, K, T), zero off target.
+    -> target_logprobs (B, K, T), zero off target, and, when fusion_scores (B, K) are given, the
+    authors' score-weighted fused log p(y_t) (B, T) from the same target logits (else None).
     """
     B, T = input_ids.shape
     K = hidden.shape[0] // B
@@ -147,7 +178,11 @@ def target_logprobs_from_hidden(llm, hidden, input_ids, target_mask, prompt_len)
     logprobs = logits.gather(-1, targets.expand(K, -1)[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (K, N)
     target_logprobs = logprobs.new_zeros(B, K, T)
     target_logprobs[b_idx, :, t_idx] = logprobs.T
-    return target_logprobs
+    if fusion_scores is None:
+        return target_logprobs, None
+    fused_logprobs = logprobs.new_zeros(B, T)
+    fused_logprobs[b_idx, t_idx] = losses.score_logits_logprobs(logits, fusion_scores[b_idx], targets)
+    return target_logprobs, fused_logprobs
 
 
 def length_groups(lengths, max_padding=0.05):
@@ -170,26 +205,32 @@ def length_groups(lengths, max_padding=0.05):
     return [torch.tensor(g, device=lengths.device) for g in groups]
 
 
-def spt_forward(llm, spt, batch):
+def spt_forward(llm, spt, batch, score_fusion=False):
     """Algorithm 1, lines 5-9: log p_i(y_t) of all K prompts, and the retriever scores.
 
     The K*B prompted sequences go through the frozen LLM together; rows are only split into groups of
     similar length (all K copies of an example stay in one group) so that padding costs little.
-    Returns target_logprobs (B, K, T) and scores (B, K). `spt` may be wrapped in
-    DistributedDataParallel: its forward returns the soft prompts and the scores.
+    Returns target_logprobs (B, K, T), scores (B, K) and, with score_fusion, the authors' fused
+    log-probabilities (B, T) (else None). `spt` may be wrapped in DistributedDataParallel: its
+    forward returns the soft prompts and the scores.
     """
     prompts, scores = spt(llm.embed(batch.context_ids), batch.context_mask)  # (K, L, E), (B, K)
     token_embeds = llm.embed(batch.input_ids)  # (B, T, E)
     lengths = batch.attention_mask.sum(1)  # right padding: row b is real up to lengths[b]
     B, T = batch.input_ids.shape
     target_logprobs = token_embeds.new_zeros(B, prompts.shape[0], T, dtype=torch.float32)
+    fused_logprobs = token_embeds.new_zeros(B, T, dtype=torch.float32) if score_fusion else None
     for rows in length_groups(lengths):
         T_group = int(lengths[rows].max())
         embeds, mask = prompted_inputs(prompts, token_embeds[rows, :T_group], batch.attention_mask[rows, :T_group])
         hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)  # (K*b, L+T_group, E)
-        target_logprobs[rows, :, :T_group] = target_logprobs_from_hidden(
-            llm, hidden, batch.input_ids[rows, :T_group], batch.target_mask[rows, :T_group], prompts.shape[1])
-    return target_logprobs, scores
+        group_logprobs, group_fused = target_logprobs_from_hidden(
+            llm, hidden, batch.input_ids[rows, :T_group], batch.target_mask[rows, :T_group], prompts.shape[1],
+            scores[rows] if score_fusion else None)
+        target_logprobs[rows, :, :T_group] = group_logprobs
+        if score_fusion:
+            fused_logprobs[rows, :T_group] = group_fused
+    return target_logprobs, scores, fused_logprobs
 
 
 @torch.no_grad()
@@ -201,7 +242,7 @@ def evaluate(llm, spt, eval_batches):
         embeds = torch.cat([spt.soft_prompts[chosen].to(llm.lm_head.weight.dtype), llm.embed(batch.input_ids)], dim=1)
         mask = torch.cat([batch.attention_mask.new_ones(len(chosen), spt.prompt_len), batch.attention_mask], dim=1)
         hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)
-        logprobs = target_logprobs_from_hidden(llm, hidden, batch.input_ids, batch.target_mask, spt.prompt_len)
+        logprobs, _ = target_logprobs_from_hidden(llm, hidden, batch.input_ids, batch.target_mask, spt.prompt_len)
         example_nll = losses.soft_prompt_losses(logprobs, batch.target_mask)
         nll += example_nll.sum().item()
         count += len(chosen)
@@ -209,12 +250,19 @@ def evaluate(llm, spt, eval_batches):
     return nll / count, usage.tolist()
 
 
+def contrast_texts(batch, which):
+    """The texts Eq. 4's BLEU compares: the contexts C (paper) or the persona sentences joined (authors' code)."""
+    return batch.context_texts if which == "context" else [" ".join(ex.persona) for ex in batch.examples]
+
+
 def step_loss(llm, spt, batch, args, world):
-    """Eq. 6 on one micro-batch; under data parallelism Eq. 4 pairs span every process's micro-batch."""
-    target_logprobs, scores = spt_forward(llm, spt, batch)
+    """Eq. 6 on one micro-batch; under data parallelism Eq. 4 pairs span every process's micro-batch.
+
+    Returns (total, parts, scores (B, K) detached, routing stats of routing_stats)."""
+    target_logprobs, scores, fused_logprobs = spt_forward(llm, spt, batch, score_fusion=args.fusion == "score-logits")
     pair_scores, bleu = scores, None
     if args.lambda_con:
-        texts = batch.context_texts
+        texts = contrast_texts(batch, args.contrast_text)
         if world > 1:
             pair_scores = torch.cat(dist.nn.functional.all_gather(scores))  # keeps gradients to every process
             gathered = [None] * world
@@ -224,8 +272,37 @@ def step_loss(llm, spt, batch, args, world):
     total, parts = losses.total_loss(
         target_logprobs, batch.target_mask, scores, bleu, tau_g=args.tau_g, threshold=args.gamma,
         lambda_con=args.lambda_con, lambda_sel=args.lambda_sel, lambda_fusion=args.lambda_fusion,
-        feedback_noise=args.feedback_noise, pair_scores=pair_scores)
-    return total, parts, scores.detach()
+        feedback_noise=args.feedback_noise, pair_scores=pair_scores, tau_s=args.tau_s,
+        nll_reduction=args.nll_reduction, fused_logprobs=fused_logprobs)
+    stats = routing_stats(getattr(spt, "module", spt), llm, batch, scores.detach(),
+                          losses.soft_prompt_losses(target_logprobs.detach(), batch.target_mask), args)
+    return total, parts, scores.detach(), stats
+
+
+@torch.no_grad()
+def routing_stats(spt, llm, batch, scores, prompt_losses, args):
+    """What shows whether the retriever routes, for the log: scores, prompt_losses (B, K) -> dict of floats.
+
+    q_max / p_max: mean largest share of the LLM feedback q and of the retriever's p (Eq. 3); agree: share of
+    examples whose argmax p is argmax q; distinct: prompts chosen in the batch (Eq. 7); vc_cos: mean cosine
+    between two of the batch's context vectors v_C (near 1: the retriever cannot tell the contexts apart).
+    """
+    q = torch.softmax(-prompt_losses.float() / args.tau_g, dim=-1)
+    p = torch.softmax(scores.float() / args.tau_s, dim=-1)
+    v_context = spt.context_vectors(llm.embed(batch.context_ids), batch.context_mask)  # (B, E)
+    unit = torch.nn.functional.normalize(v_context.float(), dim=-1)
+    B = len(unit)
+    vc_cos = ((unit @ unit.T).sum() - B) / max(B * (B - 1), 1)
+    return {"q_max": q.max(-1).values.mean().item(), "p_max": p.max(-1).values.mean().item(),
+            "agree": (q.argmax(-1) == p.argmax(-1)).float().mean().item(),
+            "distinct": len(set(scores.argmax(-1).tolist())), "vc_cos": vc_cos.item()}
+
+
+def usage_entropy(counts):
+    """Entropy (nats) of the prompt usage counts; log K when every prompt is used equally, 0 for one prompt."""
+    share = torch.as_tensor(counts, dtype=torch.float64)
+    share = share[share > 0] / share.sum()
+    return float(-(share * share.log()).sum())
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -272,7 +349,8 @@ def load_checkpoint(ckpt, embed_dim=None, device="cpu"):
 def checkpoint_config(args, llm):
     return {"model": args.model, "arch": llm.config.arch, "embed_dim": llm.embed_dim,
             "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "method": args.method,
-            "max_len": args.max_len, "data": args.data, "holdout": args.holdout, "args": vars(args)}
+            "max_len": args.max_len, "data": args.data, "holdout": args.holdout,
+            **{name: getattr(args, name) for name in LOSS_SETTINGS}, "args": vars(args)}
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -364,13 +442,17 @@ def train(args):
             sync = nullcontext() if world == 1 or micro == args.grad_accum - 1 else model.no_sync()
             with sync:
                 with autocast(device, dtype):
-                    loss, parts, scores = step_loss(llm, model, batch, args, world)
+                    loss, parts, scores, stats = step_loss(llm, model, batch, args, world)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good checkpoint in {out} is kept. "
                                              f"Lower --lr, or use --dtype float32")
                 scaler.scale(loss / args.grad_accum).backward()
-            usage += torch.bincount(scores.argmax(-1).cpu(), minlength=args.num_prompts)
+            step_usage = torch.bincount(scores.argmax(-1).cpu(), minlength=args.num_prompts)
+            usage += step_usage
             tokens += int(batch.attention_mask.sum() + batch.attention_mask.shape[0] * args.prompt_len) * args.num_prompts * world
+        if args.method == "spt":
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            stats["grad_lin_context"] = spt.lin_context.weight.grad.norm().item() / scale
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -380,12 +462,14 @@ def train(args):
             dist.all_reduce(values)
             loss, parts = values[0] / world, dict(zip(parts, values[1:] / world))
         record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                  "usage": usage.tolist(), "seconds": round(seconds, 4)}
+                  "usage": step_usage.tolist(), **stats, "seconds": round(seconds, 4)}
         if step % args.log_every == 0 or step in (start + 1, total_steps):
             elapsed = time.time() - t_start
             eta = elapsed / (step - start) * (total_steps - step)
             terms = " ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
-            log(rank, f"step {step}/{total_steps} | loss {loss.item():.4f} ({terms}) | usage {usage.tolist()} | "
+            routing = (f"usage {usage.tolist()} (entropy {usage_entropy(usage):.2f} of {math.log(args.num_prompts):.2f}, "
+                       f"{stats['distinct']} distinct in the last batch) | " if args.method == "spt" else "")
+            log(rank, f"step {step}/{total_steps} | loss {loss.item():.4f} ({terms}) | {routing}"
                       f"{tokens / elapsed:.0f} tok/s | {seconds:.2f} s/step | ETA {format_duration(eta)}")
             usage.zero_()
         if args.eval_every and (step % args.eval_every == 0 or step == total_steps) and rank == 0:
@@ -408,8 +492,8 @@ def train(args):
 def resume(out, spt, optimizer, config, embed_dim, device):
     """Load trainable parts, optimizer and RNG from out; returns the step to continue after."""
     saved_spt, saved = load_checkpoint(out, embed_dim, device)
-    for key in ("model", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout"):
-        if saved[key] != config[key]:
+    for key in ("model", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout", *LOSS_SETTINGS):
+        if saved.get(key) != config[key]:
             raise ValueError(f"--resume: checkpoint {out} has {key}={saved[key]!r} but this run asks for {config[key]!r}; "
                              f"pass the same flags or a new --out")
     spt.load_state_dict(saved_spt.state_dict())
