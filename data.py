@@ -224,10 +224,74 @@ def demo_examples():
     return [ex for i, (persona, turns) in enumerate(DEMO_DIALOGUES) for ex in dialogue_examples(persona, turns, i)]
 
 
+# The routing check: four kinds of context, told apart by their topic words, whose responses each follow a
+# pattern of their own that the context does not reveal (a pet owner's answer names a colour, a cook's a number
+# of siblings, ...). One prompt must hedge between the four patterns; a prompt per kind, chosen from the
+# context, need not. Written for this project.
+ROUTING_KINDS = {
+    "pets": {"persona": ["i have a {pet} named {name} .", "my {pet} sleeps on my bed .", "i walk my {pet} every {time} .",
+                         "i adopted a {pet} from a shelter .", "my {pet} loves {toy} ."],
+             "question": ["do you have a {pet} ?", "what is your {pet} like ?", "does your {pet} like {toy} ?",
+                          "who walks your {pet} ?"],
+             "slots": {"pet": ["dog", "cat", "puppy", "kitten", "rabbit"], "name": ["max", "bella", "charlie", "luna"],
+                       "time": ["morning", "evening", "night"], "toy": ["tennis balls", "squeaky toys", "treats"]},
+             "response": "my favorite color is {answer} .", "answers": ["red", "blue", "green", "yellow"]},
+    "food": {"persona": ["i love to cook {dish} .", "my favorite food is {dish} .", "i bake {bread} every {time} .",
+                         "i grow {vegetable} in my garden .", "i eat {dish} with {vegetable} ."],
+             "question": ["what do you like to cook ?", "do you eat {dish} ?", "have you tried {bread} ?",
+                          "what is for dinner tonight ?"],
+             "slots": {"dish": ["pasta", "soup", "pizza", "curry", "tacos"], "bread": ["bread", "bagels", "muffins"],
+                       "time": ["morning", "weekend", "sunday"], "vegetable": ["tomatoes", "onions", "peppers", "carrots"]},
+             "response": "i have {answer} brothers and one sister .", "answers": ["two", "three", "four", "five"]},
+    "sports": {"persona": ["i play {sport} every {time} .", "i run {distance} miles a day .", "my team won the {sport} cup .",
+                           "i watch {sport} on television .", "i train at the {place} ."],
+               "question": ["do you play {sport} ?", "how far do you run ?", "who is your favorite {sport} team ?",
+                            "do you go to the {place} ?"],
+               "slots": {"sport": ["soccer", "tennis", "basketball", "hockey", "golf"], "time": ["morning", "weekend", "day"],
+                         "distance": ["two", "five", "ten"], "place": ["gym", "stadium", "park"]},
+               "response": "i work as a {answer} in a big hospital .", "answers": ["nurse", "doctor", "cleaner", "cook"]},
+    "music": {"persona": ["i play the {instrument} .", "i sing in a {group} .", "my favorite band plays {genre} .",
+                          "i listen to {genre} every {time} .", "i write songs on my {instrument} ."],
+              "question": ["do you play an instrument ?", "what music do you like ?", "do you like {genre} ?",
+                           "have you ever sung in a {group} ?"],
+              "slots": {"instrument": ["guitar", "piano", "violin", "drums", "flute"], "group": ["choir", "band", "duo"],
+                        "genre": ["jazz", "rock", "pop", "blues"], "time": ["morning", "evening", "night"]},
+              "response": "we moved here from {answer} last year .", "answers": ["paris", "tokyo", "lima", "cairo"]},
+}
+
+
+def routing_examples(n=1200, seed=0):
+    """n one-turn examples of the routing check, kinds in a seeded random order; dialogue_id is "KIND-i".
+
+    Each context has two persona sentences and a question from one kind's templates (the kind shows in the
+    topic words); the response is that kind's pattern with a random answer, so log 4 nats per example are
+    left to chance however well a prompt learns.
+    """
+    rng = random.Random(seed)
+    kinds = sorted(ROUTING_KINDS)
+    examples = []
+    for i in range(n):
+        kind = rng.choice(kinds)
+        spec = ROUTING_KINDS[kind]
+        fill = lambda template: template.format(**{k: rng.choice(v) for k, v in spec["slots"].items()})  # noqa: E731
+        persona = [fill(t) for t in rng.sample(spec["persona"], 2)]
+        response = spec["response"].format(answer=rng.choice(spec["answers"]))
+        examples.append(Example(persona, [fill(rng.choice(spec["question"]))], response, 1, f"{kind}-{i}"))
+    return examples
+
+
+def routing_kind(example):
+    """The kind of a routing_examples() example, read from its dialogue_id "KIND-i"."""
+    return str(example.dialogue_id).rsplit("-", 1)[0]
+
+
 def load_examples(spec):
-    """spec "demo" -> demo_examples(); a *.jsonl path -> load_jsonl; any other path -> load_convai2."""
+    """spec "demo" -> demo_examples(); "routing" -> routing_examples(); a *.jsonl path -> load_jsonl;
+    any other path -> load_convai2."""
     if str(spec) == "demo":
         return demo_examples()
+    if str(spec) == "routing":
+        return routing_examples()
     path = Path(spec)
     return load_jsonl(path) if path.suffix == ".jsonl" else load_convai2(path)
 

@@ -12,6 +12,7 @@ All scores are on a 0-100 scale.
 """
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -219,6 +220,28 @@ def prompt_usage_by_turn(turns, chosen_prompts, k):
             raise ValueError(f"chosen prompt {i} is outside 0..{k - 1}; pass the K the model was trained with")
         table.setdefault(turn, [0] * k)[i] += 1
     return dict(sorted(table.items()))
+
+
+def routing_purity(kinds, chosen_prompts):
+    """How cleanly a retriever routes contexts of known kinds: (purity, {kind: share}, {kind: prompt}).
+
+    Each kind is given a prompt of its own, the one-to-one map that keeps the most contexts on their
+    kind's prompt (all maps tried; kinds without a prompt left map to None); purity is the share of all
+    contexts on their kind's prompt, share[kind] that share within one kind. 1 when every kind has a
+    prompt to itself; 1 / (number of kinds) when every context goes to one prompt.
+    """
+    if len(kinds) != len(chosen_prompts):
+        raise ValueError(f"{len(kinds)} kinds but {len(chosen_prompts)} chosen prompts; give one per example")
+    names = sorted(set(kinds))
+    counts = {(kind, prompt): 0 for kind in names for prompt in set(chosen_prompts)}
+    for kind, prompt in zip(kinds, chosen_prompts):
+        counts[kind, prompt] += 1
+    prompts = sorted(set(chosen_prompts)) + [None] * len(names)  # None: a kind left without a prompt
+    best = max(itertools.permutations(prompts, len(names)),
+               key=lambda m: sum(counts.get((kind, prompt), 0) for kind, prompt in zip(names, m)))
+    assignment = dict(zip(names, best))
+    share = {kind: counts.get((kind, assignment[kind]), 0) / kinds.count(kind) for kind in names}
+    return sum(counts.get((k, assignment[k]), 0) for k in names) / len(kinds), share, assignment
 
 
 def format_prompt_usage(table):

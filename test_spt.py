@@ -601,6 +601,26 @@ def test_missing_path_message():
         assert part in msg
 
 
+def test_routing_set_is_seeded_and_keeps_kind_and_answer_apart():
+    exs = data.routing_examples()
+    assert data.load_examples("routing") == exs == data.routing_examples(seed=0)
+    assert data.routing_examples(n=50, seed=1) != exs[:50]
+    kinds = [data.routing_kind(ex) for ex in exs]
+    assert len(exs) == 1200 and set(kinds) == set(data.ROUTING_KINDS)
+    assert min(kinds.count(k) for k in data.ROUTING_KINDS) > 250  # each kind about a quarter
+    for ex, kind in zip(exs, kinds):
+        spec = data.ROUTING_KINDS[kind]
+        pattern = re.escape(spec["response"]).replace(re.escape("{answer}"), "(" + "|".join(spec["answers"]) + ")")
+        assert re.fullmatch(pattern, ex.response), ex.response
+        text = data.prompt_text(ex)
+        assert not any(answer in text.split() for answer in spec["answers"])  # the context does not give the answer away
+        topic = {word for template in spec["persona"] + spec["question"] for word in template.split()} | {
+            word for words in spec["slots"].values() for w in words for word in w.split()}
+        others = {word for other, s in data.ROUTING_KINDS.items() if other != kind for words in s["slots"].values()
+                  for w in words for word in w.split()}
+        assert any(word in topic and word not in others for word in text.split())  # the kind shows in its words
+
+
 def test_demo_set():
     exs = data.demo_examples()
     assert len(exs) == 30 and len({ex.dialogue_id for ex in exs}) == 6
@@ -1549,6 +1569,18 @@ def test_prompt_usage_rejects_out_of_range_prompt():
         metrics.prompt_usage_by_turn([1], [4], k=4)
 
 
+def test_routing_purity_by_hand():
+    purity, share, assignment = metrics.routing_purity(["a", "a", "b", "b", "c", "c"], [2, 2, 0, 0, 1, 1])
+    assert purity == 1.0 and assignment == {"a": 2, "b": 0, "c": 1}
+    purity, share, assignment = metrics.routing_purity(["a", "a", "b", "b"], [0, 0, 0, 0])  # one prompt for all
+    assert purity == 0.5 and share == {"a": 1.0, "b": 0.0} and assignment == {"a": 0, "b": None}
+    # both kinds prefer prompt 0; a one-to-one map gives it to "a" (3 contexts) and "b" its next best, prompt 1
+    purity, share, assignment = metrics.routing_purity(["a"] * 4 + ["b"] * 4, [0, 0, 0, 1, 0, 0, 1, 2])
+    assert assignment == {"a": 0, "b": 1} and purity == pytest.approx(4 / 8) and share == {"a": 0.75, "b": 0.25}
+    with pytest.raises(ValueError, match="3 kinds but 2 chosen prompts"):
+        metrics.routing_purity(["a", "b", "c"], [0, 1])
+
+
 @pytest.mark.skipif(HAVE_MATPLOTLIB, reason="matplotlib is installed; the message case cannot be checked")
 def test_plot_prompt_usage_without_matplotlib(tmp_path):
     path = tmp_path / "usage.png"
@@ -1702,6 +1734,38 @@ def test_cli_plot_without_matplotlib(tmp_path, capsys):
     png = tmp_path / "usage.png"
     metrics.main([path, "--plot", str(png)])
     assert f"matplotlib is not installed, {png} not written (pip install matplotlib)" in capsys.readouterr().out
+
+
+# ============================================================================= results/: scripts behind README's numbers
+
+def test_fill_readme_replaces_blocks_from_files(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "results"))
+    import fill_readme
+    monkeypatch.setattr(fill_readme, "ROOT", tmp_path)
+    (tmp_path / "t.md").write_text("| a | 1 |\n")
+    text = "intro\n<!-- BEGIN t.md -->\nold numbers\n<!-- END t.md -->\nafter\n"
+    assert fill_readme.fill(text) == "intro\n<!-- BEGIN t.md -->\n| a | 1 |\n<!-- END t.md -->\nafter\n"
+    with pytest.raises(SystemExit, match="names missing.md, which does not exist"):
+        fill_readme.fill("<!-- BEGIN missing.md -->\n<!-- END missing.md -->")
+
+
+def test_routing_script_runs_end_to_end_on_the_tiny_model(tmp_path):
+    """results/routing.sh as written, with the tiny random model and 2 steps: every run, the table, the report."""
+    env = {**os.environ, "MODEL": "tiny", "STEPS": "2", "OUT": str(tmp_path / "routing"), "PY": sys.executable,
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", "results/routing.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "routing" / "report.json").read_text())
+    assert [r["run"] for r in rows] == ["none", "pt", "spt_paper", "spt_authors", "oracle"]
+    held_out = data.split_by_dialogue(data.routing_examples(), 200, shuffle=False)[1]
+    kinds = [data.routing_kind(ex) for ex in held_out]
+    oracle = rows[-1]  # picks prompt k for kind k (sorted), so usage counts the kinds
+    assert oracle["purity"] == 1.0 and oracle["usage"] == [kinds.count(k) for k in sorted(data.ROUTING_KINDS)]
+    assert rows[1]["usage"] == [200] and rows[1]["purity"] < 0.5  # PT: one prompt for every kind
+    assert rows[2]["settings"]["fusion"] == "prob-mean" and rows[3]["settings"]["fusion"] == "score-logits"
+    table = (tmp_path / "routing" / "table.md").read_text()
+    assert table.count("\n| ") == 6 and "routing purity" in table
+    assert not list((tmp_path / "routing").glob("*/train_state.pt"))
 
 
 # ============================================================================= bench.py: the reference computes what train.step_loss computes

@@ -234,17 +234,23 @@ def spt_forward(llm, spt, batch, score_fusion=False):
 
 
 @torch.no_grad()
+def prompted_nll(llm, soft_prompts, batch):
+    """Mean target NLL of each example (B,) with its own prompt soft_prompts (B, L, E) prepended."""
+    B, L, _ = soft_prompts.shape
+    embeds = torch.cat([soft_prompts.to(llm.lm_head.weight.dtype), llm.embed(batch.input_ids)], dim=1)
+    mask = torch.cat([batch.attention_mask.new_ones(B, L), batch.attention_mask], dim=1)
+    hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)
+    logprobs, _ = target_logprobs_from_hidden(llm, hidden, batch.input_ids, batch.target_mask, L)
+    return losses.soft_prompt_losses(logprobs, batch.target_mask)[:, 0]
+
+
+@torch.no_grad()
 def evaluate(llm, spt, eval_batches):
     """Held-out mean target NLL with the prompt the retriever picks (Eq. 7), and how often each was picked."""
     nll, count, usage = 0.0, 0, torch.zeros(spt.num_prompts, dtype=torch.long)
     for batch in eval_batches:
         chosen = spt.scores(llm.embed(batch.context_ids), batch.context_mask).argmax(-1)  # (B,)
-        embeds = torch.cat([spt.soft_prompts[chosen].to(llm.lm_head.weight.dtype), llm.embed(batch.input_ids)], dim=1)
-        mask = torch.cat([batch.attention_mask.new_ones(len(chosen), spt.prompt_len), batch.attention_mask], dim=1)
-        hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)
-        logprobs, _ = target_logprobs_from_hidden(llm, hidden, batch.input_ids, batch.target_mask, spt.prompt_len)
-        example_nll = losses.soft_prompt_losses(logprobs, batch.target_mask)
-        nll += example_nll.sum().item()
+        nll += prompted_nll(llm, spt.soft_prompts[chosen], batch).sum().item()
         count += len(chosen)
         usage += torch.bincount(chosen.cpu(), minlength=spt.num_prompts)
     return nll / count, usage.tolist()
@@ -302,7 +308,7 @@ def usage_entropy(counts):
     """Entropy (nats) of the prompt usage counts; log K when every prompt is used equally, 0 for one prompt."""
     share = torch.as_tensor(counts, dtype=torch.float64)
     share = share[share > 0] / share.sum()
-    return float(-(share * share.log()).sum())
+    return float(-(share * share.log()).sum()) + 0.0  # + 0.0: one prompt gives 0.0, not -0.0
 
 
 # ----------------------------------------------------------------------------- checkpoints

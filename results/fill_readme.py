@@ -1,0 +1,33 @@
+"""Fill README.md's result blocks from committed outputs, so no number in README is typed by hand.
+
+A block is the text between `<!-- BEGIN path -->` and `<!-- END path -->`; it is replaced by the
+file at `path` (relative to the project root). Run after a results script: python results/fill_readme.py
+"""
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"(<!-- BEGIN (\S+) -->\n).*?(<!-- END \2 -->)", re.S)
+
+
+def fill(text):
+    """text with every block's body replaced by its file; a block naming a missing file is an error."""
+    def body(match):
+        path = ROOT / match.group(2)
+        if not path.is_file():
+            sys.exit(f"error: README block names {match.group(2)}, which does not exist: run the results script that writes it")
+        return match.group(1) + path.read_text() + match.group(3)
+    return BLOCK.sub(body, text)
+
+
+def main():
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    filled = fill(text)
+    readme.write_text(filled)
+    print(f"README.md: {len(BLOCK.findall(text))} blocks filled, {'changed' if filled != text else 'unchanged'}")
+
+
+if __name__ == "__main__":
+    main()

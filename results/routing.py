@@ -1,0 +1,155 @@
+"""The controlled routing check (README "Routing"): does the retriever send each kind of context to a prompt of its own?
+
+    python results/routing.py oracle-data DIR   # one JSONL per kind of the routing set's training part
+    python results/routing.py report RUNS       # held-out NLL and routing purity of the runs in RUNS
+
+The data is data.routing_examples() (`--data routing`): four kinds of context, each with a response
+pattern the context does not reveal. `report` scores the last 200 examples (`--holdout 200`, never
+trained on) with the prompt the retriever picks (Eq. 7), writes RUNS/table.md and RUNS/report.json,
+and plots what the training logs say about routing to RUNS/routing.png (when matplotlib is installed).
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import metrics  # noqa: E402
+import train  # noqa: E402
+from llm_loader import load_llm  # noqa: E402
+
+HOLDOUT = 200
+RUNS = [("pt", "PT (K = 1)"), ("spt_paper", "SPT, --recipe paper"), ("spt_authors", "SPT, --recipe authors")]
+
+
+def split():
+    """(training examples, held-out examples) of the routing set, as train.py --data routing --holdout 200 splits it."""
+    return data.split_by_dialogue(data.routing_examples(), HOLDOUT, shuffle=False)
+
+
+def write_oracle_data(folder):
+    """The training part of each kind as its own JSONL, for the oracle's one-kind PT runs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind in sorted(data.ROUTING_KINDS):
+        rows = [{"persona": ex.persona, "context": ex.context, "response": ex.response, "dialogue_id": ex.dialogue_id}
+                for ex in split()[0] if data.routing_kind(ex) == kind]
+        (folder / f"{kind}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        print(f"wrote {folder / kind}.jsonl: {len(rows)} examples")
+
+
+@torch.no_grad()
+def score_run(llm, batches, soft_prompts, choose):
+    """Per held-out example: NLL with the chosen prompt, the chosen prompt, and the NLL of its best prompt.
+
+    soft_prompts (K, L, E); choose(batch) -> (B,) prompt indices.
+    """
+    nll, chosen, best = [], [], []
+    for batch in batches:
+        picks = choose(batch)
+        every = torch.stack([train.prompted_nll(llm, soft_prompts[[k] * len(picks)], batch)
+                             for k in range(len(soft_prompts))], dim=1)  # (B, K)
+        nll += every.gather(1, picks[:, None]).squeeze(1).tolist()
+        chosen += picks.tolist()
+        best += every.min(1).values.tolist()
+    return nll, chosen, best
+
+
+def summarize(name, label, kinds, nll, chosen, best, config):
+    purity, share, assignment = metrics.routing_purity(kinds, chosen)
+    per_kind = {kind: sum(x for x, k in zip(nll, kinds) if k == kind) / kinds.count(kind) for kind in sorted(set(kinds))}
+    return {"run": name, "label": label, "nll": sum(nll) / len(nll), "nll_by_kind": per_kind,
+            "best_prompt_nll": sum(best) / len(best), "purity": purity, "purity_by_kind": share,
+            "prompt_of_kind": assignment, "usage": [chosen.count(k) for k in range(max(chosen) + 1)],
+            "steps": config.get("step"), "settings": {k: config["args"][k] for k in (
+                "num_prompts", "prompt_len", "prompt_init", "lr", "batch_size", "seed", "recipe", "fusion",
+                "contrast_text", "nll_reduction", "lambda_con", "lambda_sel", "lambda_fusion", "tau_s")}}
+
+
+def report(runs_dir):
+    runs_dir = Path(runs_dir)
+    train_part, held_out = split()
+    kinds = [data.routing_kind(ex) for ex in held_out]
+    config = json.loads((runs_dir / RUNS[0][0] / "config.json").read_text())
+    llm, tok = load_llm(config["model"], device="cpu")
+    encoded = [data.encode_example(ex, tok, config["max_len"]) for ex in held_out]
+    batches = list(data.batches(encoded, 8, tok.pad_id, shuffle=False))
+    rows = []
+
+    nobody = torch.zeros(1, 0, llm.embed_dim)  # the frozen LLM with no prompt at all
+    nll = [x for batch in batches for x in train.prompted_nll(llm, nobody.expand(len(batch.examples), 0, -1), batch).tolist()]
+    rows.append({"run": "none", "label": "no prompt (frozen LLM)", "nll": sum(nll) / len(nll)})
+
+    for name, label in RUNS:
+        spt, config = train.load_checkpoint(runs_dir / name, llm.embed_dim)
+        choose = lambda batch: spt.scores(llm.embed(batch.context_ids), batch.context_mask).argmax(-1)  # noqa: E731  Eq. 7
+        rows.append(summarize(name, label, kinds, *score_run(llm, batches, spt.soft_prompts, choose), config))
+
+    oracle = [train.load_checkpoint(runs_dir / f"oracle_{kind}", llm.embed_dim) for kind in sorted(data.ROUTING_KINDS)]
+    prompts = torch.cat([spt.soft_prompts for spt, _ in oracle])  # (4, L, E): prompt k trained on kind k only
+    index = {kind: k for k, kind in enumerate(sorted(data.ROUTING_KINDS))}
+    choose = lambda batch: torch.tensor([index[data.routing_kind(ex)] for ex in batch.examples])  # noqa: E731
+    rows.append(summarize("oracle", "oracle (a PT prompt per kind, picked by kind)", kinds,
+                          *score_run(llm, batches, prompts, choose), oracle[0][1]))
+
+    target_len = sum(len(e.target_ids) for e in encoded) / len(encoded)
+    lines = ["| run | held-out NLL, Eq. 7 | NLL with each context's best prompt | routing purity | prompt usage |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for row in rows:
+        if row["run"] == "none":
+            lines.append(f"| {row['label']} | {row['nll']:.3f} | | | |")
+            continue
+        lines.append(f"| {row['label']} | {row['nll']:.3f} | {row['best_prompt_nll']:.3f} | {row['purity']:.2f} | "
+                     f"{row['usage']} |")
+    lines.append("")
+    lines.append(f"Held-out: the last {HOLDOUT} examples of `--data routing` ({len(train_part)} train). NLL is per target "
+                 f"token; the random answer word alone leaves log 4 / {target_len:.1f} target tokens = "
+                 f"{math.log(4) / target_len:.3f} per token that no prompt can remove. Routing purity: share of held-out contexts on their "
+                 f"kind's prompt, each kind on a prompt of its own (1 / 4 = 0.25 when all share one).")
+    (runs_dir / "table.md").write_text("\n".join(lines) + "\n")
+    (runs_dir / "report.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print("\n".join(lines))
+    plot(runs_dir)
+
+
+def plot(runs_dir):
+    """Per training step of the two SPT runs: q and p sharpness, their agreement, v_C cosine, gradient at lin_C, usage."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no routing.png")
+        return
+    keys = [("q_max", "largest share of q (LLM feedback)"), ("p_max", "largest share of p (retriever)"),
+            ("agree", "argmax p = argmax q"), ("vc_cos", "cosine between two contexts' v_C"),
+            ("grad_lin_context", "gradient norm at lin_C"), ("distinct", "distinct prompts chosen in the batch")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for name, label in RUNS[1:]:
+        log = [json.loads(line) for line in (runs_dir / name / "log.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in log]
+        for ax, (key, title) in zip(axes.flat, keys):
+            ax.plot(steps, [r[key] for r in log], label=label, alpha=0.8)
+            ax.set(title=title, xlabel="step")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(runs_dir / "routing.png", dpi=100)
+    print(f"wrote {runs_dir / 'routing.png'}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["oracle-data", "report"])
+    p.add_argument("folder", help="oracle-data: where the JSONL files go; report: the folder of the runs")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    write_oracle_data(args.folder) if args.command == "oracle-data" else report(args.folder)
+
+
+if __name__ == "__main__":
+    main()
