@@ -379,6 +379,54 @@ def test_explicit_add_bos_token_overrides_template(tmp_path):
     assert llm_loader.load_hf_tokenizer(tmp_path, {}).add_bos is False
 
 
+def write_llama2_tokenizer_json(folder):
+    """A Llama-2-style sentencepiece tokenizer.json: BPE with byte fallback, normalizer Prepend("▁") +
+    Replace(" ", "▁"), no pre-tokenizer, <s> prepended by the post-processor (trained here on the demo set)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # training only: merges stay within words
+    texts = [data.prompt_text(ex) + data.target_text(ex) for ex in data.demo_examples()]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       show_progress=False))
+    tok.pre_tokenizer = None
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+
+
+@pytest.mark.parametrize("kind", ["byte_level_bpe", "llama2_sentencepiece"])
+def test_prompt_and_target_tokens_are_the_tokens_of_the_whole_text(tmp_path, kind):
+    if kind == "byte_level_bpe":
+        write_vocab_merges(tmp_path)  # OPT's files; SmolLM2's tokenizer is byte-level BPE too
+    else:
+        write_llama2_tokenizer_json(tmp_path)
+    tok = llm_loader.load_hf_tokenizer(tmp_path, {})
+    assert tok.add_bos
+    for ex in data.demo_examples():
+        enc = data.encode_example(ex, tok, 4096)  # no truncation
+        whole = tok.encode(data.prompt_text(ex) + data.target_text(ex))
+        assert enc.prompt_ids[1:] + enc.target_ids[:-1] == whole and enc.target_ids[-1] == tok.eos_id
+        assert tok.decode(enc.target_ids).strip() == ex.response
+        if kind == "llama2_sentencepiece":  # encoded apart, " " + response starts with a stray "▁" (Llama-2's 29871)
+            space = tok.backend.token_to_id("▁")
+            assert tok.encode(data.target_text(ex))[0] == space != enc.target_ids[0]
+
+
+def test_target_encoded_apart_when_a_token_spans_the_prompt_end():
+    class MergingTokenizer(WordTokenizer):
+        """Words, except that "R: k" is one token, so no split of the whole text ends with the prompt's tokens."""
+        def encode(self, text):
+            return super().encode(text.replace("R: k", "R:_k"))
+
+    tok = MergingTokenizer()
+    enc = data.encode_example(make_example([], ["a"], "k l"), tok, 64)
+    assert enc.prompt_ids == [1] + tok.encode("given persona: ; context: Q: a R:")
+    assert enc.target_ids == tok.encode(" k l") + [2]
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_missing_path_says_what_is_expected(tmp_path):
