@@ -1216,6 +1216,58 @@ def test_chat_answers_and_obeys_commands(tmp_path):
     assert "(dialogue cleared)" in done.stdout
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A 2-step SPT checkpoint of the tiny model on the demo set (max_len 256), the last 2 dialogues held out."""
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    train.train(train.parse_args(TINY + ["--max-steps", "2", "--max-len", "256", "--holdout", "2", "--out", str(out)]))
+    return out
+
+
+def test_generate_evaluation_with_holdout_end_to_end(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "predictions.jsonl"
+    generate.main(["--ckpt", str(tiny_ckpt), "--max-new-tokens", "4", "--batch-size", "4", "--out", str(out)])
+    held_out = data.split_by_dialogue(data.demo_examples(), 2, shuffle=False)[1]  # the checkpoint's --holdout 2
+    records = read_log(out)
+    assert [(r["dialogue_id"], r["turn"]) for r in records] == [(ex.dialogue_id, ex.turn) for ex in held_out]
+    llm, tok = load_llm("tiny")
+    encoded = [data.encode_example(ex, tok, 256, new_tokens=4) for ex in held_out]
+    lengths = [len(e.prompt_ids) for e in encoded]
+    assert sorted(range(len(lengths)), key=lengths.__getitem__) != list(range(len(lengths)))  # sorting reorders
+    spt, _ = train.load_checkpoint(tiny_ckpt)
+    args = generate.parse_args(["--max-new-tokens", "4"])
+    for record, ex, enc in zip(records, held_out, encoded):
+        assert set(record) == {"dialogue_id", "turn", "persona", "context", "reference", "prediction", "chosen_prompt", "scores"}
+        assert (record["persona"], record["context"], record["reference"]) == (ex.persona, ex.context, ex.response)
+        assert len(record["scores"]) == 4 and record["chosen_prompt"] == max(range(4), key=record["scores"].__getitem__)
+        (alone,), (chosen,), _ = generate.respond(llm, tok, spt, [enc], args)  # decoded alone: the same row
+        assert (record["prediction"], record["chosen_prompt"]) == (alone, chosen)
+    printed = capsys.readouterr().out
+    assert f"{len(held_out)} predictions in" in printed and f"prompt usage by turn ({len(held_out)} responses)" in printed
+    assert printed.splitlines()[1].split()[0] == "model"  # the Table-1 style header
+
+
+def test_evaluation_context_does_not_depend_on_the_reference(tiny_ckpt, tmp_path, monkeypatch):
+    ex = data.demo_examples()[17]  # a long context, cut to fit max_len 256
+    rows = [{"persona": ex.persona, "context": ex.context, "response": response, "dialogue_id": i}
+            for i, response in enumerate(["ok .", " ".join(["a much longer answer"] * 8)])]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    contexts = []  # the token ids each row is decoded from
+
+    def spy(llm, tok, soft_prompts, prompt_ids, prompt_mask, *args):
+        contexts.extend(ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask))
+        return generate_fn(llm, tok, soft_prompts, prompt_ids, prompt_mask, *args)
+
+    generate_fn = generate.generate
+    monkeypatch.setattr(generate, "generate", spy)
+    generate.main(["--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "two.jsonl"), "--holdout", "0",
+                   "--max-new-tokens", "6", "--out", str(tmp_path / "predictions.jsonl")])
+    _, tok = load_llm("tiny")
+    full = [tok.bos_id] + tok.encode(data.prompt_text(ex))
+    assert len(contexts) == 2 and contexts[0] == contexts[1]
+    assert len(full) > len(contexts[0]) and len(contexts[0]) <= 256 - 6  # cut, with room for the new tokens
+
+
 @pytest.mark.parametrize("script, flags, expected", [
     ("train.py", ["--model", "tiny", "--data", "/no/such/file.txt"], "/no/such/file.txt"),
     ("train.py", ["--model", "/no/such/model"], "expected a Hugging Face folder"),
