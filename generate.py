@@ -239,6 +239,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.top_p > 0 and args.temperature <= 0:
+        raise ValueError(f"--top-p {args.top_p} samples at --temperature {args.temperature}, which must be above 0: "
+                         f"raise --temperature, or drop --top-p to decode greedily")
     device = resolve_device(args.device)
     spt, config = load_checkpoint(args.ckpt, device=device)
     llm, tok = load_llm(args.model or config["model"], device=device, dtype=resolve_dtype(args.dtype, device))

@@ -1268,6 +1268,13 @@ def test_evaluation_context_does_not_depend_on_the_reference(tiny_ckpt, tmp_path
     assert len(full) > len(contexts[0]) and len(contexts[0]) <= 256 - 6  # cut, with room for the new tokens
 
 
+def test_top_p_without_temperature_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        train.run_cli(generate.main, ["--ckpt", str(tmp_path), "--top-p", "0.9", "--temperature", "0"])
+    assert error.value.code == ("error: --top-p 0.9 samples at --temperature 0.0, which must be above 0: "
+                                "raise --temperature, or drop --top-p to decode greedily")
+
+
 @pytest.mark.parametrize("script, flags, expected", [
     ("train.py", ["--model", "tiny", "--data", "/no/such/file.txt"], "/no/such/file.txt"),
     ("train.py", ["--model", "/no/such/model"], "expected a Hugging Face folder"),
