@@ -1720,6 +1720,12 @@ def test_greedy_decoding_gives_the_same_ids_on_both_sides():
     assert ours["tokens_per_s"] > 0 and reference["tokens_per_s"] > 0
 
 
+def test_bench_writes_its_numbers_where_git_ignores_run_outputs():
+    ignored = [line.strip() for line in (ROOT / ".gitignore").read_text().splitlines()]
+    default = Path(bench.parse_args(["--quick"]).json)
+    assert not default.is_absolute() and f"{default.parts[0]}/" in ignored and len(default.parts) > 1
+
+
 def test_train_step_flops_by_hand():
     config = ModelConfig("llama", vocab_size=10, hidden_size=4, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=8)
     batch = SimpleNamespace(attention_mask=torch.tensor([[1, 1, 1], [1, 0, 0]]),
