@@ -1011,22 +1011,92 @@ def test_tiny_training_loss_falls_and_checkpoint_reloads(tmp_path):
     assert (out / "spt.safetensors").stat().st_size < 100_000  # the trainable parts only, not the LLM
 
 
-def test_resume_continues_exactly(tmp_path):
-    flags = TINY + ["--max-len", "64", "--feedback-noise", "0.1", "--batch-size", "4"]
-    train.train(train.parse_args(flags + ["--max-steps", "6", "--out", str(tmp_path / "straight")]))
-    train.train(train.parse_args(flags + ["--max-steps", "3", "--out", str(tmp_path / "split")]))
-    train.train(train.parse_args(flags + ["--max-steps", "6", "--out", str(tmp_path / "split"), "--resume"]))
+RESUME = TINY + ["--max-len", "64", "--feedback-noise", "0.1", "--batch-size", "8"]  # 3 batches per epoch of the demo set
+
+
+def test_resume_continues_exactly_across_an_epoch_boundary(tmp_path):
+    train.train(train.parse_args(RESUME + ["--max-steps", "5", "--out", str(tmp_path / "straight")]))
+    train.train(train.parse_args(RESUME + ["--max-steps", "2", "--out", str(tmp_path / "split")]))
+    train.train(train.parse_args(RESUME + ["--max-steps", "5", "--out", str(tmp_path / "split"), "--resume"]))
     straight, split = read_log(tmp_path / "straight" / "log.jsonl"), read_log(tmp_path / "split" / "log.jsonl")
-    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in split] == [r["loss"] for r in straight]
     a, b = load_file(tmp_path / "straight" / "spt.safetensors"), load_file(tmp_path / "split" / "spt.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def test_resume_refuses_other_flags(tmp_path):
-    train.train(train.parse_args(TINY + ["--max-steps", "1", "--max-len", "64", "--out", str(tmp_path)]))
-    with pytest.raises(ValueError, match="num_prompts=4 but this run asks for 2"):
-        train.train(train.parse_args(TINY + ["--max-steps", "2", "--max-len", "64", "--out", str(tmp_path), "--resume", "-K", "2"]))
+@pytest.mark.parametrize("crash", ["between checkpoint files", "during a step"])
+def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch, crash):
+    """A crash after the checkpoint of step 2: mid-way through writing step 4's checkpoint, or in step 4's forward."""
+    flags = RESUME + ["--max-steps", "6", "--save-every", "2"]
+    train.train(train.parse_args(flags + ["--out", str(tmp_path / "straight")]))
+    name, crash_at = ("write_atomic", 5) if crash == "between checkpoint files" else ("step_loss", 4)
+    function, calls = getattr(train, name), []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash_at:  # step 4's second checkpoint file, or step 4's forward
+            raise RuntimeError("simulated crash")
+        return function(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, name, crashing)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.train(train.parse_args(flags + ["--out", str(tmp_path / "split")]))
+    assert len(read_log(tmp_path / "split" / "log.jsonl")) == crash_at - 1
+    assert train.load_checkpoint(tmp_path / "split")[1]["step"] == 2  # the weights generate.py loads are step 2's
+    train.train(train.parse_args(flags + ["--out", str(tmp_path / "split"), "--resume"]))
+    straight, split = read_log(tmp_path / "straight" / "log.jsonl"), read_log(tmp_path / "split" / "log.jsonl")
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]  # no step twice
+    assert [r["loss"] for r in split] == [r["loss"] for r in straight]
+    a, b = load_file(tmp_path / "straight" / "spt.safetensors"), load_file(tmp_path / "split" / "spt.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("flag, value, key", [("-K", "2", "num_prompts"), ("--batch-size", "2", "batch_size"),
+                                              ("--grad-accum", "2", "grad_accum"), ("--seed", "1", "seed"),
+                                              ("--max-examples", "20", "max_examples")])
+def test_resume_refuses_other_flags(tmp_path, flag, value, key):
+    flags = TINY + ["--max-len", "64", "--batch-size", "4", "--out", str(tmp_path)]
+    train.train(train.parse_args(flags + ["--max-steps", "1"]))
+    saved = getattr(train.parse_args(flags), key)
+    with pytest.raises(ValueError) as error:
+        train.train(train.parse_args(flags + ["--max-steps", "2", "--resume", flag, value]))
+    assert str(error.value) == (f"--resume: checkpoint {tmp_path} has {key}={saved!r} but this run asks for "
+                                f"{int(value)!r}; pass the same flags or a new --out")
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    args = train.parse_args(TINY + ["--max-len", "64", "--max-steps", "1", "--out", str(tmp_path)])
+    train.train(args)
+    llm, _ = load_llm("tiny")
+    spt = SPT(4, 1, 64)
+    config = train.checkpoint_config(args, llm, world=2)
+    with pytest.raises(ValueError, match=re.escape("has world_size=1 but this run asks for 2; pass the same flags")):
+        train.resume(tmp_path, spt, torch.optim.Adam(spt.parameters()), torch.amp.GradScaler("cpu"), config, rank=0)
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"--resume: {tmp_path} holds no train_state.pt to continue from"):
+        train.train(train.parse_args(TINY + ["--max-steps", "1", "--resume", "--out", str(tmp_path)]))
+
+
+def test_checkpoint_restores_cuda_rng_of_every_device_and_grad_scaler(tmp_path, monkeypatch):
+    args = train.parse_args(TINY + ["--prompt-len", "1"])
+    llm, _ = load_llm("tiny")
+    config = train.checkpoint_config(args, llm, world=1)
+    cuda_states = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]  # two devices
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    spt = SPT(4, 1, 64)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    train.save_checkpoint(tmp_path, spt, torch.optim.Adam(spt.parameters()), scaler, 5, config, train.rng_states(1))
+    fresh = torch.amp.GradScaler("cpu")
+    step = train.resume(tmp_path, SPT(4, 1, 64), torch.optim.Adam(spt.parameters()), fresh, config, rank=0)
+    assert step == 5 and fresh.get_scale() == 1024.0 and fresh.get_growth_interval() == 7
+    assert [t.tolist() for t in restored] == [[1, 2], [3, 4]]
 
 
 def test_checkpoint_for_another_model_is_refused(tmp_path):

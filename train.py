@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data
@@ -237,13 +238,29 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out, spt, optimizer, step, config):
-    """spt.safetensors (soft prompts + retriever), train_state.pt (optimizer, RNG, for --resume), config.json last."""
+def rng_states(world):
+    """Every process's CPU and CUDA (all devices) RNG states, in rank order, for rank 0 to save."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(out, spt, optimizer, scaler, step, config, rngs):
+    """Each file is a whole set by itself, so a crash between two never puts weights and step out of step.
+
+    train_state.pt (first): everything --resume needs (trainable parts, optimizer, GradScaler, every
+    process's RNG states rngs, step, config). spt.safetensors: soft prompts + retriever for generate.py,
+    with its step in the metadata. config.json last.
+    """
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in spt.state_dict().items()}
-    write_atomic(out / "spt.safetensors", lambda f: save_file(tensors, f))
-    state = {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}
+    state = {"spt": tensors, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+             "rng": rngs, "config": config}
     write_atomic(out / "train_state.pt", lambda f: torch.save(state, f))
+    write_atomic(out / "spt.safetensors", lambda f: save_file(tensors, f, metadata={"step": str(step)}))
     config = {**config, "step": step}
     write_atomic(out / "config.json", lambda f: f.write_text(json.dumps(config, indent=2)))
 
@@ -266,13 +283,17 @@ def load_checkpoint(ckpt, embed_dim=None, device="cpu"):
         raise ValueError(f"{ckpt / 'spt.safetensors'} does not match its config.json (K, L, E): "
                          f"expected {expected}, found {found}")
     spt.load_state_dict(tensors)
+    with safe_open(ckpt / "spt.safetensors", "pt") as f:  # the weights' own step (config.json may lag after a crash)
+        config["step"] = int((f.metadata() or {}).get("step", config.get("step", 0)))
     return spt.to(device), config
 
 
-def checkpoint_config(args, llm):
+def checkpoint_config(args, llm, world):
     return {"model": args.model, "arch": llm.config.arch, "embed_dim": llm.embed_dim,
             "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "method": args.method,
-            "max_len": args.max_len, "data": args.data, "holdout": args.holdout, "args": vars(args)}
+            "max_len": args.max_len, "data": args.data, "holdout": args.holdout, "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum, "world_size": world, "seed": args.seed, "max_examples": args.max_examples,
+            "args": vars(args)}
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -338,12 +359,12 @@ def train(args):
         spt.lin_context.requires_grad_(False)
         spt.lin_prompt.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in spt.parameters() if p.requires_grad], lr=args.lr)
-    config = checkpoint_config(args, llm)
+    config = checkpoint_config(args, llm, world)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     start = 0
     if args.resume:
-        start = resume(out, spt, optimizer, config, llm.embed_dim, device)
+        start = resume(out, spt, optimizer, scaler, config, rank)
     model = torch.nn.parallel.DistributedDataParallel(spt) if world > 1 else spt
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     per_epoch = len(encoded) // (args.batch_size * world)
     total_steps = args.max_steps or max(1, int(args.epochs * per_epoch) // args.grad_accum)
@@ -353,7 +374,11 @@ def train(args):
     log(rank, f"{total_steps} steps of {args.batch_size * args.grad_accum * world} examples "
               f"({total_steps * args.batch_size * args.grad_accum * world / len(encoded):.2f} epochs)")
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.log or out / "log.jsonl", "a" if args.resume else "w") if rank == 0 else None
+    log_path = Path(args.log or out / "log.jsonl")
+    if rank == 0 and args.resume and log_path.exists():  # the steps after the checkpoint run again: drop their lines
+        kept = [line for line in log_path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= start]
+        write_atomic(log_path, lambda f: f.write_text("".join(kept)))
+    log_file = open(log_path, "a" if args.resume else "w") if rank == 0 else None
     batches = micro_batches(encoded, args, tok.pad_id, start * args.grad_accum, rank, world)
     usage = torch.zeros(args.num_prompts, dtype=torch.long)
     t_start, tokens = time.time(), 0
@@ -394,8 +419,10 @@ def train(args):
         if log_file:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
-        if rank == 0 and (step % args.save_every == 0 or step == total_steps):
-            save_checkpoint(out, spt, optimizer, step, config)
+        if step % args.save_every == 0 or step == total_steps:
+            rngs = rng_states(world)
+            if rank == 0:
+                save_checkpoint(out, spt, optimizer, scaler, step, config, rngs)
     if rank == 0:
         log(rank, f"done in {format_duration(time.time() - t_start)}; checkpoint in {out}/ (step {total_steps})")
         eval_flags = f" --data {args.data} --holdout {args.holdout}" if args.holdout else ""
@@ -405,17 +432,25 @@ def train(args):
     return spt
 
 
-def resume(out, spt, optimizer, config, embed_dim, device):
-    """Load trainable parts, optimizer and RNG from out; returns the step to continue after."""
-    saved_spt, saved = load_checkpoint(out, embed_dim, device)
-    for key in ("model", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout"):
+def resume(out, spt, optimizer, scaler, config, rank):
+    """Load trainable parts, optimizer, GradScaler and this process's RNG states from out/train_state.pt
+    (one file: one consistent set); returns the step to continue after."""
+    if not (out / "train_state.pt").exists():
+        raise FileNotFoundError(f"--resume: {out} holds no train_state.pt to continue from: drop --resume or pass the --out of a run")
+    state = torch.load(out / "train_state.pt", weights_only=True, map_location="cpu")
+    saved = state["config"]
+    for key in ("model", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout",
+                "batch_size", "grad_accum", "world_size", "seed", "max_examples"):
         if saved[key] != config[key]:
             raise ValueError(f"--resume: checkpoint {out} has {key}={saved[key]!r} but this run asks for {config[key]!r}; "
                              f"pass the same flags or a new --out")
-    spt.load_state_dict(saved_spt.state_dict())
-    state = torch.load(out / "train_state.pt", weights_only=True, map_location=device)
+    spt.load_state_dict(state["spt"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"].cpu())
+    if state["scaler"]:  # empty when the run had no GradScaler (float32, bfloat16)
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"][rank]["cpu"])
+    if state["rng"][rank]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"][rank]["cuda"])
     return state["step"]
 
 
