@@ -355,6 +355,7 @@ def train(args):
     if args.prompt_init == "vocab":
         spt.init_from_vocab(llm.model.embed_tokens.weight.float().cpu())
     spt.to(device)
+    torch.manual_seed(args.seed + rank)  # A.8 feedback noise differs across processes; the initialisation above does not
     if args.method == "pt":
         spt.lin_context.requires_grad_(False)
         spt.lin_prompt.requires_grad_(False)
@@ -384,22 +385,24 @@ def train(args):
     t_start, tokens = time.time(), 0
     for step in range(start + 1, total_steps + 1):
         t_step = time.time()
+        step_total, step_parts = 0.0, {}  # sums over the micro-batches
         for micro in range(args.grad_accum):
             batch = next(batches).to(device)
             sync = nullcontext() if world == 1 or micro == args.grad_accum - 1 else model.no_sync()
             with sync:
                 with autocast(device, dtype):
                     loss, parts, scores = step_loss(llm, model, batch, args, world)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good checkpoint in {out} is kept. "
-                                             f"Lower --lr, or use --dtype float32")
+                check_finite(loss, step, out, rank, world)
                 scaler.scale(loss / args.grad_accum).backward()
+            step_total = step_total + loss.detach()
+            step_parts = {k: step_parts.get(k, 0.0) + v for k, v in parts.items()}
             usage += torch.bincount(scores.argmax(-1).cpu(), minlength=args.num_prompts)
             tokens += int(batch.attention_mask.sum() + batch.attention_mask.shape[0] * args.prompt_len) * args.num_prompts * world
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t_step
+        loss, parts = step_total / args.grad_accum, {k: v / args.grad_accum for k, v in step_parts.items()}
         if world > 1:  # log the global batch's loss: the mean of the processes' losses
             values = torch.stack([loss.detach(), *parts.values()])
             dist.all_reduce(values)
@@ -430,6 +433,19 @@ def train(args):
     if world > 1:
         dist.destroy_process_group()
     return spt
+
+
+def check_finite(loss, step, out, rank, world):
+    """Stop every process with the same message when any process's loss is not finite (none waits forever)."""
+    values = torch.zeros(world, device=loss.device)
+    values[rank] = loss.detach().float()
+    if world > 1:
+        dist.all_reduce(values)
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        where = f" on rank {bad[0]}" if world > 1 else ""
+        raise FloatingPointError(f"loss is {values[bad[0]].item()} at step {step}{where}; the last good checkpoint in {out} "
+                                 f"is kept. Lower --lr, or use --dtype float32")
 
 
 def resume(out, spt, optimizer, scaler, config, rank):
