@@ -1231,6 +1231,30 @@ def test_batched_decoding_equals_one_by_one():
     assert batched == single and any(batched)
 
 
+def test_opt_end_to_end_trains_and_decodes_batched_as_one_by_one(tmp_path):
+    """The paper's main models are OPT: a tiny random one with word_embed_proj_dim (32) != hidden size (64)."""
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=256, word_embed_proj_dim=32, do_layer_norm_before=False)
+    folder = save_hf(randomize(OPTForCausalLM(config)), tmp_path / "opt", "safetensors")
+    out = tmp_path / "run"
+    spt = train.train(train.parse_args(["--model", str(folder), "--data", "demo", "--log-every", "1000", "--max-steps", "30",
+                                        "--max-len", "96", "--lr", "0.5", "--out", str(out)]))
+    assert spt.soft_prompts.shape == (4, 8, 32)  # L = 8 for OPT (4.2), in the 32-wide input embedding space
+    losses = [r["loss"] for r in read_log(out / "log.jsonl")]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+    llm, tok = load_llm(folder)
+    encoded = [data.encode_example(ex, tok, 200, new_tokens=8) for ex in data.demo_examples()[:6]]
+    ids, mask = data.left_pad_prompts(encoded, tok.pad_id)
+    assert mask.sum(1).unique().numel() > 1  # rows of different lengths: left padding is exercised
+    chosen = torch.tensor([0, 1, 2, 3, 0, 1])
+    with torch.no_grad():
+        batched = generate.generate(llm, tok, spt.soft_prompts[chosen], ids, mask, max_new_tokens=8)
+        single = [generate.generate(llm, tok, spt.soft_prompts[k][None], *data.left_pad_prompts([e], tok.pad_id),
+                                    max_new_tokens=8)[0] for e, k in zip(encoded, chosen)]
+    assert batched == single and sum(map(len, batched)) > 0
+
+
 def test_insert_prompts_puts_each_prompt_before_the_first_real_token():
     prompts = torch.tensor([[[1.0], [2.0]], [[3.0], [4.0]]])  # B=2, L=2, E=1
     tokens = torch.tensor([[[0.0], [7.0], [8.0]], [[5.0], [6.0], [9.0]]])  # row 0 has one pad (0.0) on the left
