@@ -42,8 +42,8 @@ from llm_loader import load_llm  # noqa: E402
 from model import Linear, ModelConfig  # noqa: E402
 from retriever import SPT, prompted_inputs  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
+import transformers  # noqa: E402
 from tokenizers import ByteLevelBPETokenizer, pre_tokenizers, processors  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM  # noqa: E402
 
@@ -735,7 +735,6 @@ def test_collate_masks_and_left_pad():
     b = data.collate(encs, tok.pad_id)
     for row, enc in enumerate(encs):
         assert b.input_ids[row][b.target_mask[row]].tolist() == enc.target_ids
-    assert b.to("cpu").input_ids.equal(b.input_ids)
 
 
 def test_split_by_dialogue():
@@ -901,10 +900,17 @@ def test_selection_loss_feedback_is_a_fixed_target():
     assert prompt_losses.grad is None and scores.grad.abs().sum() > 0
 
 
-def test_selection_loss_with_feedback_noise_stays_finite():
-    torch.manual_seed(0)
+def test_selection_loss_with_feedback_noise_is_a_kl_to_a_distribution():
     scores, prompt_losses = torch.rand(4, 3), torch.rand(4, 3)
-    assert torch.isfinite(losses.selection_loss(scores, prompt_losses, feedback_noise=1.0))
+    torch.manual_seed(0)
+    got = losses.selection_loss(scores, prompt_losses, feedback_noise=1.0)
+    torch.manual_seed(0)  # the same draw, by hand: q + alpha N(0, 1), clamped at 0, renormalised per row
+    noisy = (F.softmax(-prompt_losses, -1) + torch.randn(4, 3)).clamp(min=0)
+    assert (noisy == 0).any() and not torch.allclose(noisy.sum(-1), torch.ones(4))  # clamping and renormalising matter
+    q = noisy / noisy.sum(-1, keepdim=True)
+    assert torch.allclose(q.sum(-1), torch.ones(4))
+    expected = (torch.xlogy(q, q) - q * F.log_softmax(scores, -1)).sum(-1).mean()
+    assert torch.isfinite(got) and got.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_contrastive_loss_matches_loop():
@@ -1137,20 +1143,28 @@ def test_length_groups_bound_padding():
     assert len(groups) == 3
 
 
-def test_grad_checkpoint_gives_identical_gradients():
-    llm, tok, encoded, batch = tiny_batch()
-    args = train.parse_args(TINY)
-    grads = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        spt = SPT(4, 2, llm.embed_dim)
-        llm.grad_checkpoint = checkpointing
-        loss, _, _ = train.step_loss(llm, spt, batch, args, world=1)
-        loss.backward()
-        grads.append({name: p.grad.clone() for name, p in spt.named_parameters()})
-    llm.grad_checkpoint = False
-    for name in grads[0]:
-        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-7, rtol=0), name
+def test_grad_checkpoint_flag_recomputes_blocks_and_gives_identical_training(tmp_path, monkeypatch):
+    block_forwards = []
+
+    def counting_load_llm(*args, **kwargs):
+        llm, tok = load_llm(*args, **kwargs)
+        for block in llm.model.layers:
+            block.register_forward_pre_hook(lambda module, inputs: block_forwards.append(module))
+        return llm, tok
+
+    monkeypatch.setattr(train, "load_llm", counting_load_llm)
+    counts = []
+    for name, flags in (("plain", []), ("checkpointed", ["--grad-checkpoint"])):
+        block_forwards.clear()
+        train.train(train.parse_args(TINY + ["--max-steps", "2", "--max-len", "64", "--prompt-len", "2",
+                                             "--out", str(tmp_path / name), *flags]))
+        counts.append(len(block_forwards))
+    assert counts[0] > 0 and counts[1] == 2 * counts[0]  # every block forward runs again in the backward pass
+    plain, checkpointed = (load_file(tmp_path / name / "spt.safetensors") for name in ("plain", "checkpointed"))
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6, rtol=0), name
+    assert [r["loss"] for r in read_log(tmp_path / "plain" / "log.jsonl")] == pytest.approx(
+        [r["loss"] for r in read_log(tmp_path / "checkpointed" / "log.jsonl")], abs=1e-6)
 
 
 def test_distributed_training_equals_single_process(tmp_path):
@@ -1209,9 +1223,14 @@ def test_grad_accum_equals_one_batch_of_twice_the_size(tmp_path):
 
 
 def test_pt_baseline_trains_only_the_prompt(tmp_path):
-    spt = train.train(train.parse_args(TINY + ["--method", "pt", "--prompt-len", "4", "--max-steps", "2", "--max-len", "64",
-                                               "--out", str(tmp_path)]))
+    flags = TINY + ["--method", "pt", "--prompt-len", "4", "--max-steps", "2", "--max-len", "64"]
+    initial = train.train(train.parse_args(flags + ["--lr", "0", "--out", str(tmp_path / "initial")]))
+    spt = train.train(train.parse_args(flags + ["--out", str(tmp_path)]))
     assert spt.soft_prompts.shape == (1, 4, 64)
+    assert (spt.soft_prompts - initial.soft_prompts).abs().max() > 1e-3
+    for name, value in spt.state_dict().items():
+        if name != "soft_prompts":
+            assert torch.equal(value, initial.state_dict()[name]), name  # the retriever does not train
     record = read_log(tmp_path / "log.jsonl")[-1]
     assert set(record) >= {"loss", "nll"} and "con" not in record and record["loss"] == record["nll"]
 
@@ -1270,14 +1289,13 @@ def test_grouped_prefill_and_growing_cache_match_full_forward():
     assert len(train.length_groups(mask.sum(1))) > 1  # the prefill really runs in groups
     embeds, mask = generate.insert_prompts(torch.randn(5, 2, llm.embed_dim), llm.embed(ids), mask)
     cache, logits = generate.prefill(llm, embeds, mask)
-    real = mask.bool()
     assert (logits - llm(inputs_embeds=embeds, attention_mask=mask)[:, -1]).abs().max().item() < 1e-5
     new_tokens = torch.randint(0, 256, (5, 70))  # 70 steps: the cache buffers grow past their first capacity
     for step in range(70):
         mask = torch.cat([mask, mask.new_ones(5, 1)], dim=1)
         step_logits = llm(input_ids=new_tokens[:, step:step + 1], attention_mask=mask, kv_cache=cache)[:, -1]
     full = llm(inputs_embeds=torch.cat([embeds, llm.embed(new_tokens)], 1), attention_mask=mask)[:, -1]
-    assert real.sum() > 0 and (step_logits - full).abs().max().item() < 1e-5
+    assert (step_logits - full).abs().max().item() < 1e-5
 
 
 def test_prefill_reserves_room_for_new_tokens():
@@ -1341,7 +1359,7 @@ def test_chat_answers_and_obeys_commands(tmp_path):
     train.train(train.parse_args(TINY + ["--max-steps", "1", "--max-len", "64", "--out", str(tmp_path)]))
     typed = "hello there\npersona\npersona i am a pilot. i love cats.\nwhat do you like?\nclear\nexit\n"
     done = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path), "--chat", "--persona", "i love hiking.",
-                           "--max-new-tokens", "4"], cwd=ROOT, input=typed, capture_output=True, text=True, timeout=120)
+                           "--max-new-tokens", "4"], cwd=ROOT, input=typed, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("bot [prompt ") == 2  # one answer per message, naming the prompt Eq. 7 chose
     assert "you> persona: i love hiking." in done.stdout
@@ -1417,12 +1435,12 @@ def test_top_p_without_temperature_is_a_one_line_error(tmp_path):
 def test_cli_errors_are_one_line_without_traceback(script, flags, expected):
     if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    done = subprocess.run([sys.executable, script, *flags], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, script, *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last
-    debug = subprocess.run([sys.executable, script, *flags, "--debug"], cwd=ROOT, capture_output=True, text=True)
+    debug = subprocess.run([sys.executable, script, *flags, "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "Traceback" in debug.stderr
 
 
@@ -1850,7 +1868,6 @@ def test_greedy_decoding_gives_the_same_ids_on_both_sides():
     ours, reference = (bench.decode_side(side, args) for side in ("ours", "reference"))
     assert torch.tensor(ours["tokens"]).shape == (3, 5)
     assert ours["tokens"] == reference["tokens"]
-    assert ours["tokens_per_s"] > 0 and reference["tokens_per_s"] > 0
 
 
 def test_bench_writes_its_numbers_where_git_ignores_run_outputs():
