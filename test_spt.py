@@ -1350,6 +1350,38 @@ def test_top_p_sampling():
     assert draws == {1, 3}  # the 0.9 nucleus holds the two likely tokens only
 
 
+def test_top_p_with_temperature_through_generate_draws_each_rows_nucleus():
+    llm, _ = load_llm("tiny")
+    with torch.no_grad():
+        llm.lm_head.weight.mul_(4)  # peaked next-token distributions (the random model's are nearly flat)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 is left-padded
+    soft_prompts = torch.zeros(2, 1, llm.embed_dim)
+    top_p, temperature, n = 0.9, 0.8, 500
+    with torch.no_grad():
+        _, logits = generate.prefill(llm, *generate.insert_prompts(soft_prompts, llm.embed(ids), mask))
+
+    def nucleus_distribution(temperature):
+        probs = torch.softmax(logits / temperature, -1)
+        sorted_probs, order = probs.sort(-1, descending=True)
+        inside = torch.zeros_like(probs).scatter(-1, order, (sorted_probs.cumsum(-1) - sorted_probs < top_p).float())
+        return probs * inside / (probs * inside).sum(-1, keepdim=True)
+
+    expected = nucleus_distribution(temperature)
+    tolerance = 4 * (0.25 / n) ** 0.5  # 4 standard deviations of a frequency out of n draws
+    assert ((expected > 0).sum(-1) >= 3).all() and (expected[0] - expected[1]).abs().max() > 3 * tolerance
+    assert (nucleus_distribution(1.0) - expected).abs().max() > 2 * tolerance  # the temperature matters
+    numbers = SimpleNamespace(eos_id=-1, decode=lambda generated: " ".join(map(str, generated)))
+    rows = torch.arange(2).repeat_interleave(n)  # each context n times, in one batch
+    drawn = generate.generate(llm, numbers, soft_prompts[rows], ids[rows], mask[rows], max_new_tokens=1, top_p=top_p,
+                              temperature=temperature, generator=torch.Generator().manual_seed(1))
+    for row in range(2):
+        counts = torch.bincount(torch.tensor([int(t) for t in drawn[row * n:(row + 1) * n]]), minlength=logits.shape[1])
+        assert counts[expected[row] == 0].sum() == 0  # nothing outside the row's own nucleus
+        assert (counts / n - expected[row]).abs().max() < tolerance
+
+
 def test_stop_markers_cut_responses():
     assert generate.cut_at_stop("i like dogs . Q: and you") == ("i like dogs .", True)
     assert generate.cut_at_stop("no marker here") == ("no marker here", False)
