@@ -318,6 +318,20 @@ def test_gguf_parity_with_transformers(tmp_path, tied):
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.vocab_size) == (0, 2, 1, True, 300)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_parity_with_transformers_own_gguf_loader(tmp_path, tied):
+    """The reference is transformers reading the same GGUF file (its own q/k un-permute), not the test's source model."""
+    path = write_gguf(tmp_path / "tiny.gguf", make_gguf_source(tied))
+    model, _ = llm_loader.load_llm(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    ids, mask, seqs = batch([7, 3, 5], "left")
+    with torch.no_grad():
+        ref = torch.cat([hf(input_ids=s[None]).logits[0] for s in seqs])
+        d = (real_positions(model(input_ids=ids, attention_mask=mask), mask) - ref).abs().max().item()
+    print(f"\nPARITY gguf_llama_gqa_{'tied' if tied else 'untied'} vs transformers' GGUF loader: ids_left={d:.2e}")
+    assert ref.abs().max() > 1.0 and d < 1e-4
+
+
 def test_gguf_tokenizer_matches_transformers_and_source(tmp_path):
     path = write_gguf(tmp_path / "tiny.gguf", make_gguf_source(tied=True))
     _, tok = llm_loader.load_llm(path)
@@ -1119,6 +1133,22 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
         train.train(args)
     bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
     assert json.loads((tmp_path / "config.json").read_text())["step"] == bad_step - 1
+
+
+def test_eval_every_reports_held_out_nll_with_eq7_selection(tmp_path):
+    spt = train.train(train.parse_args(TINY + ["--max-steps", "3", "--max-len", "64", "--holdout", "2", "--eval-every", "2",
+                                               "--eval-examples", "5", "--batch-size", "4", "--out", str(tmp_path)]))
+    records = read_log(tmp_path / "log.jsonl")
+    assert ["eval_nll" in r for r in records] == [False, True, True]  # every 2 steps, and at the end
+    llm, tok = load_llm("tiny")
+    held_out = data.split_by_dialogue(data.demo_examples(), 2, shuffle=False)[1][:5]
+    batch = data.collate([data.encode_example(ex, tok, 64) for ex in held_out], tok.pad_id)
+    with torch.no_grad():  # all K prompts' NLL, then the one Eq. 7 picks
+        target_logprobs, scores = train.spt_forward(llm, spt, batch)
+    chosen = scores.argmax(-1)
+    nll = losses.soft_prompt_losses(target_logprobs, batch.target_mask)[torch.arange(5), chosen]
+    assert records[-1]["eval_nll"] == pytest.approx(nll.mean().item(), abs=1e-5)
+    assert records[-1]["eval_usage"] == torch.bincount(chosen, minlength=4).tolist()
 
 
 def test_grouped_forward_equals_one_padded_forward():
