@@ -507,6 +507,7 @@ def chat_prompt(text):
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_chat_is_english(smollm2):
     _, model, tok = smollm2
     ids = torch.tensor([tok.encode(chat_prompt("What is the capital of France?"))])
@@ -525,6 +526,7 @@ def test_smollm2_greedy_chat_is_english(smollm2):
     assert "Paris" in text
 
 
+@pytest.mark.slow
 def test_smollm2_matches_transformers_gguf_loading(smollm2):
     path, model, tok = smollm2
     hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -817,6 +819,7 @@ def _run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "data.py"), *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_download_from_local_server(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
@@ -846,6 +849,7 @@ def test_download_from_local_server(tmp_path):
         server.server_close()
 
 
+@pytest.mark.slow
 def test_download_offline_message(tmp_path):
     with socket.socket() as s:  # a port with nothing listening: connection refused, like being offline
         s.bind(("127.0.0.1", 0))
@@ -1197,6 +1201,7 @@ def test_grad_checkpoint_flag_recomputes_blocks_and_gives_identical_training(tmp
         [r["loss"] for r in read_log(tmp_path / "checkpointed" / "log.jsonl")], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_distributed_training_equals_single_process(tmp_path):
     flags = TINY + ["--max-len", "64", "--max-steps", "3", "--prompt-len", "2"]
     initial = train.train(train.parse_args(flags + ["--batch-size", "4", "--lr", "0", "--out", str(tmp_path / "initial")]))
@@ -1226,6 +1231,7 @@ train.run_cli(train.main)
 """
 
 
+@pytest.mark.slow
 def test_distributed_nan_on_one_rank_stops_all_and_noise_differs_by_rank(tmp_path):
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(NAN_ON_RANK_1.format(root=str(ROOT)))
@@ -1417,6 +1423,7 @@ def test_stop_markers_cut_responses():
     assert generate.cut_at_stop("no marker here") == ("no marker here", False)
 
 
+@pytest.mark.slow
 def test_chat_answers_and_obeys_commands(tmp_path):
     train.train(train.parse_args(TINY + ["--max-steps", "1", "--max-len", "64", "--out", str(tmp_path)]))
     typed = "hello there\npersona\npersona i am a pilot. i love cats.\nwhat do you like?\nclear\nexit\n"
@@ -1488,6 +1495,7 @@ def test_top_p_without_temperature_is_a_one_line_error(tmp_path):
                                 "raise --temperature, or drop --top-p to decode greedily")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, flags, expected", [
     ("train.py", ["--model", "tiny", "--data", "/no/such/file.txt"], "/no/such/file.txt"),
     ("train.py", ["--model", "/no/such/model"], "expected a Hugging Face folder"),
@@ -1701,6 +1709,7 @@ def convai2_cases():
     return predictions, references, personas
 
 
+@pytest.mark.slow
 def test_bleu_agrees_with_sacrebleu_on_convai2(convai2_cases):
     import sacrebleu
     predictions, references, personas = convai2_cases
@@ -1717,6 +1726,7 @@ def test_bleu_agrees_with_sacrebleu_on_convai2(convai2_cases):
     assert metrics.bleu(predictions["shifted by one"], references) > 0.5  # a real, non-trivial score
 
 
+@pytest.mark.slow
 def test_rouge_agrees_with_rouge_score_on_convai2(convai2_cases):
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
