@@ -279,7 +279,7 @@ def encode_example(ex, tokenizer, max_len, new_tokens=None):
     body = tokenizer.encode(render_prompt(ex.persona, context))
     target = encode_target(render_prompt(ex.persona, context), body, ex, tokenizer)[:max_len // 2 - 1] + [tokenizer.eos_id]
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
-    if new_tokens is not None and not 0 < new_tokens < max_len - len(bos):
+    if new_tokens is not None and new_tokens >= max_len - len(bos):
         raise ValueError(f"{new_tokens} new tokens leave no room for the context within max_len={max_len}: "
                          f"lower --max-new-tokens")
     keep = max_len - (len(target) if new_tokens is None else new_tokens) - len(bos)  # prompt tokens after bos, >= 1

@@ -738,6 +738,9 @@ def test_truncation_left_cut_after_turns_then_target_cap():
     assert enc.prompt_ids == [1] + tok.encode("Q: a b R:")
     with pytest.raises(ValueError, match="max_len=3 is too small"):
         data.encode_example(long, tok, 3)
+    assert len(data.encode_example(long, tok, 10, new_tokens=8).prompt_ids) == 2  # bos + 1: room for 8 new tokens
+    with pytest.raises(ValueError, match="9 new tokens leave no room for the context within max_len=10: lower --max-new-tokens"):
+        data.encode_example(long, tok, 10, new_tokens=9)
 
 
 def test_truncation_always_fits_and_keeps_last_human_turn():
