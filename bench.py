@@ -2,7 +2,7 @@
 
     python bench.py --quick                   # tiny random Llama, under a minute on an idle machine
     python bench.py --model smollm2           # SmolLM2-135M, about 9 minutes on 2 CPU cores
-    python bench.py --model smollm2 --parts decode --json decode.json
+    python bench.py --model smollm2 --parts decode --json runs/decode.json
 
 Both sides get the same weights (a transformers LlamaForCausalLM loaded with our state dict, whose
 names are Hugging Face's), the same batches (a seeded selection of ConvAI2 examples, or the demo set),
@@ -79,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the example selection and the soft prompts")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of both sides")
-    p.add_argument("--json", default="bench.json", help="where to write the numbers")
+    p.add_argument("--json", default="runs/bench.json", help="where to write the numbers (runs/ is git-ignored)")
     args = p.parse_args(argv)
     if args.quick:
         args.model = "tiny"
@@ -443,6 +443,7 @@ def main(argv=None):
     print()
     print(markdown_table(rows))
     print("\nratios are ours / reference: below 1 is better for time and memory, above 1 for rates")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nnumbers in {args.json}")
 

@@ -318,18 +318,35 @@ class EncodedExample:
     example: Example
 
 
-def encode_example(ex, tokenizer, max_len):
+def encode_target(prompt, body, ex, tokenizer):
+    """The response's tokens as they follow the prompt when prompt + target is encoded as one text.
+
+    body = tokenizer.encode(prompt). Encoding " " + response on its own would give sentencepiece tokenizers
+    (Llama-2: Metaspace / prepended "▁") a stray "▁" token that never follows "R:" in whole text.
+    """
+    whole = tokenizer.encode(prompt + target_text(ex))
+    if whole[:len(body)] == body:
+        return whole[len(body):]
+    return tokenizer.encode(target_text(ex))  # a merge across the boundary: no split of `whole` fits the prompt
+
+
+def encode_example(ex, tokenizer, max_len, new_tokens=None):
     """Tokenize to len(prompt_ids) + len(target_ids) <= max_len.
     Truncation: target capped at max_len // 2 tokens (cut on the right, eos kept last); then the oldest Q/R
     exchanges are dropped (the persona and the last human turn always stay); only then prompt tokens are cut
-    from the left (after bos), which eats into "given persona: ..." first."""
+    from the left (after bos), which eats into "given persona: ..." first.
+    new_tokens (decoding): the prompt keeps room for that many generated tokens instead of for the target,
+    so the context kept does not depend on the reference response."""
     if max_len < 4:
         raise ValueError(f"max_len={max_len} is too small; use at least 4 so that a prompt and a target both fit")
-    target = tokenizer.encode(target_text(ex))[:max_len // 2 - 1] + [tokenizer.eos_id]
-    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
-    keep = max_len - len(target) - len(bos)  # prompt tokens that fit after bos, >= 1
     context = ex.context
     body = tokenizer.encode(render_prompt(ex.persona, context))
+    target = encode_target(render_prompt(ex.persona, context), body, ex, tokenizer)[:max_len // 2 - 1] + [tokenizer.eos_id]
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    if new_tokens is not None and new_tokens >= max_len - len(bos):
+        raise ValueError(f"{new_tokens} new tokens leave no room for the context within max_len={max_len}: "
+                         f"lower --max-new-tokens")
+    keep = max_len - (len(target) if new_tokens is None else new_tokens) - len(bos)  # prompt tokens after bos, >= 1
     while len(body) > keep and len(context) > 1:
         context = context[2:]
         body = tokenizer.encode(render_prompt(ex.persona, context))

@@ -151,7 +151,7 @@ def evaluate(llm, tok, spt, config, args):
         examples = data.split_by_dialogue(examples, args.holdout, shuffle=False)[1]
     if args.max_examples:
         examples = examples[:args.max_examples]
-    encoded = [data.encode_example(ex, tok, config["max_len"]) for ex in examples]
+    encoded = [data.encode_example(ex, tok, config["max_len"], args.max_new_tokens) for ex in examples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt_ids))  # similar lengths share a batch
     generator = torch.Generator(device=llm.lm_head.weight.device).manual_seed(args.seed)
     records = [None] * len(encoded)
@@ -202,7 +202,7 @@ def chat(llm, tok, spt, config, args):
             continue
         history.append(line)
         example = data.Example(persona, list(history), "", len(history) // 2 + 1, "chat")
-        (response,), (prompt,), _ = respond(llm, tok, spt, [data.encode_example(example, tok, config["max_len"])], args, generator)
+        (response,), (prompt,), _ = respond(llm, tok, spt, [data.encode_example(example, tok, config["max_len"], args.max_new_tokens)], args, generator)
         history.append(response)
         print(f"bot [prompt {prompt}]> {response}")
 
@@ -239,6 +239,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.top_p > 0 and args.temperature <= 0:
+        raise ValueError(f"--top-p {args.top_p} samples at --temperature {args.temperature}, which must be above 0: "
+                         f"raise --temperature, or drop --top-p to decode greedily")
     device = resolve_device(args.device)
     spt, config = load_checkpoint(args.ckpt, device=device)
     llm, tok = load_llm(args.model or config["model"], device=device, dtype=resolve_dtype(args.dtype, device))

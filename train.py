@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data
@@ -320,13 +321,29 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out, spt, optimizer, step, config):
-    """spt.safetensors (soft prompts + retriever), train_state.pt (optimizer, RNG, for --resume), config.json last."""
+def rng_states(world):
+    """Every process's CPU and CUDA (all devices) RNG states, in rank order, for rank 0 to save."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(out, spt, optimizer, scaler, step, config, rngs):
+    """Each file is a whole set by itself, so a crash between two never puts weights and step out of step.
+
+    train_state.pt (first): everything --resume needs (trainable parts, optimizer, GradScaler, every
+    process's RNG states rngs, step, config). spt.safetensors: soft prompts + retriever for generate.py,
+    with its step in the metadata. config.json last.
+    """
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in spt.state_dict().items()}
-    write_atomic(out / "spt.safetensors", lambda f: save_file(tensors, f))
-    state = {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}
+    state = {"spt": tensors, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+             "rng": rngs, "config": config}
     write_atomic(out / "train_state.pt", lambda f: torch.save(state, f))
+    write_atomic(out / "spt.safetensors", lambda f: save_file(tensors, f, metadata={"step": str(step)}))
     config = {**config, "step": step}
     write_atomic(out / "config.json", lambda f: f.write_text(json.dumps(config, indent=2)))
 
@@ -349,13 +366,16 @@ def load_checkpoint(ckpt, embed_dim=None, device="cpu"):
         raise ValueError(f"{ckpt / 'spt.safetensors'} does not match its config.json (K, L, E): "
                          f"expected {expected}, found {found}")
     spt.load_state_dict(tensors)
+    with safe_open(ckpt / "spt.safetensors", "pt") as f:  # the weights' own step (config.json may lag after a crash)
+        config["step"] = int((f.metadata() or {}).get("step", config.get("step", 0)))
     return spt.to(device), config
 
 
-def checkpoint_config(args, llm):
+def checkpoint_config(args, llm, world):
     return {"model": args.model, "arch": llm.config.arch, "embed_dim": llm.embed_dim,
             "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "method": args.method,
-            "max_len": args.max_len, "data": args.data, "holdout": args.holdout,
+            "max_len": args.max_len, "data": args.data, "holdout": args.holdout, "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum, "world_size": world, "seed": args.seed, "max_examples": args.max_examples,
             **{name: getattr(args, name) for name in LOSS_SETTINGS}, "args": vars(args)}
 
 
@@ -418,16 +438,17 @@ def train(args):
     if args.prompt_init == "vocab":
         spt.init_from_vocab(llm.model.embed_tokens.weight.float().cpu())
     spt.to(device)
+    torch.manual_seed(args.seed + rank)  # A.8 feedback noise differs across processes; the initialisation above does not
     if args.method == "pt":
         spt.lin_context.requires_grad_(False)
         spt.lin_prompt.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in spt.parameters() if p.requires_grad], lr=args.lr)
-    config = checkpoint_config(args, llm)
+    config = checkpoint_config(args, llm, world)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     start = 0
     if args.resume:
-        start = resume(out, spt, optimizer, config, llm.embed_dim, device)
+        start = resume(out, spt, optimizer, scaler, config, rank)
     model = torch.nn.parallel.DistributedDataParallel(spt) if world > 1 else spt
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     per_epoch = len(encoded) // (args.batch_size * world)
     total_steps = args.max_steps or max(1, int(args.epochs * per_epoch) // args.grad_accum)
@@ -437,22 +458,27 @@ def train(args):
     log(rank, f"{total_steps} steps of {args.batch_size * args.grad_accum * world} examples "
               f"({total_steps * args.batch_size * args.grad_accum * world / len(encoded):.2f} epochs)")
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.log or out / "log.jsonl", "a" if args.resume else "w") if rank == 0 else None
+    log_path = Path(args.log or out / "log.jsonl")
+    if rank == 0 and args.resume and log_path.exists():  # the steps after the checkpoint run again: drop their lines
+        kept = [line for line in log_path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= start]
+        write_atomic(log_path, lambda f: f.write_text("".join(kept)))
+    log_file = open(log_path, "a" if args.resume else "w") if rank == 0 else None
     batches = micro_batches(encoded, args, tok.pad_id, start * args.grad_accum, rank, world)
     usage = torch.zeros(args.num_prompts, dtype=torch.long)
     t_start, tokens = time.time(), 0
     for step in range(start + 1, total_steps + 1):
         t_step = time.time()
+        step_total, step_parts = 0.0, {}  # sums over the micro-batches
         for micro in range(args.grad_accum):
             batch = next(batches).to(device)
             sync = nullcontext() if world == 1 or micro == args.grad_accum - 1 else model.no_sync()
             with sync:
                 with autocast(device, dtype):
                     loss, parts, scores, stats = step_loss(llm, model, batch, args, world)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good checkpoint in {out} is kept. "
-                                             f"Lower --lr, or use --dtype float32")
+                check_finite(loss, step, out, rank, world)
                 scaler.scale(loss / args.grad_accum).backward()
+            step_total = step_total + loss.detach()
+            step_parts = {k: step_parts.get(k, 0.0) + v for k, v in parts.items()}
             step_usage = torch.bincount(scores.argmax(-1).cpu(), minlength=args.num_prompts)
             usage += step_usage
             tokens += int(batch.attention_mask.sum() + batch.attention_mask.shape[0] * args.prompt_len) * args.num_prompts * world
@@ -463,6 +489,7 @@ def train(args):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t_step
+        loss, parts = step_total / args.grad_accum, {k: v / args.grad_accum for k, v in step_parts.items()}
         if world > 1:  # log the global batch's loss: the mean of the processes' losses
             values = torch.stack([loss.detach(), *parts.values()])
             dist.all_reduce(values)
@@ -484,8 +511,10 @@ def train(args):
         if log_file:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
-        if rank == 0 and (step % args.save_every == 0 or step == total_steps):
-            save_checkpoint(out, spt, optimizer, step, config)
+        if step % args.save_every == 0 or step == total_steps:
+            rngs = rng_states(world)
+            if rank == 0:
+                save_checkpoint(out, spt, optimizer, scaler, step, config, rngs)
     if rank == 0:
         log(rank, f"done in {format_duration(time.time() - t_start)}; checkpoint in {out}/ (step {total_steps})")
         eval_flags = f" --data {args.data} --holdout {args.holdout}" if args.holdout else ""
@@ -495,17 +524,38 @@ def train(args):
     return spt
 
 
-def resume(out, spt, optimizer, config, embed_dim, device):
-    """Load trainable parts, optimizer and RNG from out; returns the step to continue after."""
-    saved_spt, saved = load_checkpoint(out, embed_dim, device)
-    for key in ("model", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout", *LOSS_SETTINGS):
+def check_finite(loss, step, out, rank, world):
+    """Stop every process with the same message when any process's loss is not finite (none waits forever)."""
+    values = torch.zeros(world, device=loss.device)
+    values[rank] = loss.detach().float()
+    if world > 1:
+        dist.all_reduce(values)
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        where = f" on rank {bad[0]}" if world > 1 else ""
+        raise FloatingPointError(f"loss is {values[bad[0]].item()} at step {step}{where}; the last good checkpoint in {out} "
+                                 f"is kept. Lower --lr, or use --dtype float32")
+
+
+def resume(out, spt, optimizer, scaler, config, rank):
+    """Load trainable parts, optimizer, GradScaler and this process's RNG states from out/train_state.pt
+    (one file: one consistent set); returns the step to continue after."""
+    if not (out / "train_state.pt").exists():
+        raise FileNotFoundError(f"--resume: {out} holds no train_state.pt to continue from: drop --resume or pass the --out of a run")
+    state = torch.load(out / "train_state.pt", weights_only=True, map_location="cpu")
+    saved = state["config"]
+    for key in ("model", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout",
+                "batch_size", "grad_accum", "world_size", "seed", "max_examples", *LOSS_SETTINGS):
         if saved.get(key) != config[key]:
             raise ValueError(f"--resume: checkpoint {out} has {key}={saved[key]!r} but this run asks for {config[key]!r}; "
                              f"pass the same flags or a new --out")
-    spt.load_state_dict(saved_spt.state_dict())
-    state = torch.load(out / "train_state.pt", weights_only=True, map_location=device)
+    spt.load_state_dict(state["spt"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"].cpu())
+    if state["scaler"]:  # empty when the run had no GradScaler (float32, bfloat16)
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"][rank]["cpu"])
+    if state["rng"][rank]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"][rank]["cuda"])
     return state["step"]
 
 
