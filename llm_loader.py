@@ -153,8 +153,11 @@ def config_from_hf(cfg):
 def llama_config_from_hf(cfg):
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"config.json asks for rope scaling {rope_type!r}; only plain RoPE is implemented")
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"config.json asks for rope scaling {rope_type!r}; implemented: plain RoPE and 'llama3'")
+    llama3_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if rope_type == "llama3" and not set(llama3_keys) <= rope.keys():
+        raise ValueError(f"config.json's llama3 rope scaling needs {', '.join(llama3_keys)}; take config.json from the model's repository")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json has hidden_act {cfg['hidden_act']!r}; Llama here uses 'silu' only")
     return llm.ModelConfig(
@@ -169,6 +172,7 @@ def llama_config_from_hf(cfg):
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        rope_scaling={k: rope[k] for k in llama3_keys} if rope_type == "llama3" else None,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         attention_bias=cfg.get("attention_bias", False),
         mlp_bias=cfg.get("mlp_bias", False),

@@ -108,6 +108,9 @@ def randomize(model):
 HF_CASES = {
     "llama_gqa_untied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
     "llama_gqa_tied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True)),
+    "llama3_rope": (LlamaConfig, LlamaForCausalLM, dict(rope_scaling=dict(  # wavelengths in all three llama3 bands
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))),
+    "llama_bias_head_dim": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True, mlp_bias=True, head_dim=24)),
     "opt_preln": (OPTConfig, OPTForCausalLM, dict(do_layer_norm_before=True)),
     "opt_postln_proj": (OPTConfig, OPTForCausalLM, dict(do_layer_norm_before=False, word_embed_proj_dim=32)),
 }
@@ -165,7 +168,8 @@ def real_positions(logits, mask):
 
 
 PARITY = [("llama_gqa_untied", "safetensors"), ("llama_gqa_tied", "sharded"), ("llama_gqa_untied", "bin"),
-          ("llama_gqa_tied", "bin"), ("opt_preln", "safetensors"), ("opt_preln", "opt_original"),
+          ("llama_gqa_tied", "bin"), ("llama3_rope", "safetensors"), ("llama_bias_head_dim", "safetensors"),
+          ("opt_preln", "safetensors"), ("opt_preln", "opt_original"),
           ("opt_postln_proj", "sharded"), ("opt_postln_proj", "opt_original")]
 
 
@@ -390,6 +394,25 @@ def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match=r"'gpt2'.*'llama', 'opt'"):
         llm_loader.load_llm(tmp_path)
+
+
+def test_llama3_config_as_the_hub_writes_it(tmp_path):
+    """Llama-3.1's config.json on the Hub has rope_scaling and rope_theta; transformers 5 saves rope_parameters."""
+    saved = json.loads(make_hf("llama3_rope").config.to_json_string())
+    rope = dict(saved.pop("rope_parameters"))
+    hub = {**saved, "rope_theta": rope.pop("rope_theta"), "rope_scaling": rope}
+    assert llm_loader.config_from_hf(hub) == llm_loader.config_from_hf({**saved, "rope_parameters": {**rope, "rope_theta": 500.0}})
+    assert llm_loader.config_from_hf(hub).rope_scaling["original_max_position_embeddings"] == 32
+
+
+@pytest.mark.parametrize("change, named", [({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn'"),
+                                           ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
+                                           ({"hidden_act": "gelu"}, "hidden_act 'gelu'")])
+def test_llama_config_the_model_cannot_run_is_refused_by_name(change, named):
+    config = {**json.loads(make_hf("llama_gqa_untied").config.to_json_string()), **change}
+    config.pop("rope_parameters")
+    with pytest.raises(ValueError, match=named):
+        llm_loader.config_from_hf(config)
 
 
 def test_shape_mismatch_names_key_file_shapes(tmp_path):
