@@ -1312,6 +1312,77 @@ def test_top_p_sampling():
     assert draws == {1, 3}  # the 0.9 nucleus holds the two likely tokens only
 
 
+@pytest.mark.parametrize("penalty, ngram", [(1.3, 0), (0.8, 0), (1.0, 1), (1.0, 2), (1.0, 3), (1.2, 3)])
+def test_repeat_penalties_match_transformers_processors_per_row(penalty, ngram):
+    """Left-padded batch vs Hugging Face's processors on each row alone.
+
+    The pad id 5 is no real token of row 0, and it would make n-grams with rows 1 and 2 if padding counted.
+    """
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 5, (9,), generator=g), torch.tensor([3, 5]), torch.tensor([5, 5]),
+            torch.tensor([1, 2, 3, 4, 1, 2, 0, 4, 4, 1, 1, 2])]  # row 3 bans 3 and 0 after ... 1 2
+    ids = torch.full((4, 12), 5)
+    mask = torch.zeros(4, 12, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, 12 - len(row):], mask[b, 12 - len(row):] = row, 1
+    logits = 3 * torch.randn(4, 20, generator=g)
+    ours = generate.penalize_repeats(logits, ids, mask, penalty, ngram)
+    for b, row in enumerate(rows):
+        ref = logits[b:b + 1]
+        if penalty != 1.0:
+            ref = RepetitionPenaltyLogitsProcessor(penalty)(row[None], ref)
+        if ngram:
+            ref = NoRepeatNGramLogitsProcessor(ngram)(row[None], ref)
+        assert torch.equal(ours[b:b + 1], ref), b
+    assert not torch.equal(ours, logits)  # the case changes something
+
+
+def test_decoding_with_repeat_penalties_matches_transformers_generate(tmp_path):
+    """Greedy, a batch with left padding, against transformers' generate on each prompt alone."""
+    hf = make_hf("llama_gqa_untied")
+    llm, _ = llm_loader.load_llm(save_hf(hf, tmp_path / "ckpt", "safetensors"))
+    ids, mask, seqs = batch([6, 3, 5], "left", seed=4)
+    options = dict(repetition_penalty=1.5, no_repeat_ngram_size=2)
+
+    def steps(**kw):
+        return torch.stack(list(generate.decode_steps(llm, llm.embed(ids), mask, 12, ids=ids, ids_mask=mask, **kw)), 1)
+    ours, plain = steps(**options), steps()
+    ref = torch.cat([hf.generate(input_ids=s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long), do_sample=False,
+                                 max_new_tokens=12, eos_token_id=None, pad_token_id=1, **options)[:, len(s):] for s in seqs])
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ours, plain)  # the penalties change what greedy decoding says
+
+
+def test_respond_counts_each_rows_prompt_for_no_repeat_ngrams():
+    """With n = 1, no response token may be one of its own prompt's tokens or repeat within the response.
+
+    The tiny model's tokens are bytes; an ASCII character in the text is one token (other bytes may decode to U+FFFD).
+    """
+    llm, tok, encoded, _ = tiny_batch(n=5, max_len=512)
+    torch.manual_seed(2)
+    spt = SPT(4, 1, llm.embed_dim)
+    args = SimpleNamespace(selection_noise=0.0, prompt=None, max_new_tokens=12, top_p=0.0, temperature=1.0,
+                           repetition_penalty=1.0, no_repeat_ngram_size=1)
+    responses, _, _ = generate.respond(llm, tok, spt, encoded, args)
+    plain, _, _ = generate.respond(llm, tok, spt, encoded, SimpleNamespace(**{**vars(args), "no_repeat_ngram_size": 0}))
+    assert responses != plain and all(responses)
+    for e, response in zip(encoded, responses):
+        ascii_chars = [c for c in response if c.isascii()]
+        assert len(set(ascii_chars)) == len(ascii_chars) and not set(ascii_chars) & set(tok.decode(e.prompt_ids))
+    assert any(c.isascii() for c in "".join(responses))
+
+
+def test_chat_samples_by_default_and_evaluation_stays_greedy():
+    chat, evaluation = generate.parse_args(["--chat"]), generate.parse_args([])
+    assert (chat.top_p, chat.temperature, chat.repetition_penalty, chat.no_repeat_ngram_size) == (0.9, 0.7, 1.2, 0)
+    assert (evaluation.top_p, evaluation.temperature, evaluation.repetition_penalty, evaluation.no_repeat_ngram_size) == (0.0, 1.0, 1.0, 0)
+    mine = generate.parse_args(["--chat", "--top-p", "0", "--repetition-penalty", "1", "--no-repeat-ngram-size", "3"])
+    assert (mine.top_p, mine.repetition_penalty, mine.no_repeat_ngram_size) == (0.0, 1.0, 3)  # flags given win
+    assert generate.decoding_settings(chat) == "top-p 0.9, temperature 0.7, repetition penalty 1.2"
+    assert generate.decoding_settings(mine) == "greedy, no repeated 3-grams"
+
+
 def test_stop_markers_cut_responses():
     assert generate.cut_at_stop("i like dogs . Q: and you") == ("i like dogs .", True)
     assert generate.cut_at_stop("no marker here") == ("no marker here", False)
@@ -1323,6 +1394,7 @@ def test_chat_answers_and_obeys_commands(tmp_path):
     done = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path), "--chat", "--persona", "i love hiking.",
                            "--max-new-tokens", "4"], cwd=ROOT, input=typed, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("decoding: top-p 0.9, temperature 0.7, repetition penalty 1.2 (")  # its first line
     assert done.stdout.count("bot [prompt ") == 2  # one answer per message, naming the prompt Eq. 7 chose
     assert "you> persona: i love hiking." in done.stdout
     assert "persona: i am a pilot. i love cats." in done.stdout
