@@ -21,7 +21,7 @@ from llm_loader import load_llm
 from train import length_groups, load_checkpoint, resolve_device, resolve_dtype, run_cli
 
 STOP_MARKERS = (" Q:", " R:", "\n")  # the next speaker of the template, or a line break, ends a response
-CHAT_DECODING = {"top_p": 0.9, "temperature": 0.7, "repetition_penalty": 1.2}  # --chat's defaults (README: why these)
+CHAT_DECODING = {"top_p": 0.9, "temperature": 0.7, "no_repeat_ngram_size": 3}  # --chat's defaults (README: why these)
 
 
 def select_prompts(llm, spt, context_ids, context_mask, noise=0.0, force=None, generator=None):
@@ -298,6 +298,8 @@ def decoding_settings(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.repetition_penalty <= 0 or args.no_repeat_ngram_size < 0:
+        raise ValueError("--repetition-penalty must be above 0 (1: off) and --no-repeat-ngram-size at least 0 (0: off)")
     device = resolve_device(args.device)
     spt, config = load_checkpoint(args.ckpt, device=device)
     llm, tok = load_llm(args.model or config["model"], device=device, dtype=resolve_dtype(args.dtype, device))
@@ -306,8 +308,6 @@ def main(argv=None):
                          f"but {args.model} has width {llm.embed_dim}: drop --model or pass a model of the same family and size")
     if args.prompt is not None and not 0 <= args.prompt < spt.num_prompts:
         raise ValueError(f"--prompt {args.prompt} is out of range: this checkpoint has prompts 0..{spt.num_prompts - 1}")
-    if args.repetition_penalty <= 0 or args.no_repeat_ngram_size < 0:
-        raise ValueError("--repetition-penalty must be above 0 (1: off) and --no-repeat-ngram-size at least 0 (0: off)")
     spt.eval()
     if args.chat:
         chat(llm, tok, spt, config, args)

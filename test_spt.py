@@ -1375,12 +1375,12 @@ def test_respond_counts_each_rows_prompt_for_no_repeat_ngrams():
 
 def test_chat_samples_by_default_and_evaluation_stays_greedy():
     chat, evaluation = generate.parse_args(["--chat"]), generate.parse_args([])
-    assert (chat.top_p, chat.temperature, chat.repetition_penalty, chat.no_repeat_ngram_size) == (0.9, 0.7, 1.2, 0)
+    assert (chat.top_p, chat.temperature, chat.repetition_penalty, chat.no_repeat_ngram_size) == (0.9, 0.7, 1.0, 3)
     assert (evaluation.top_p, evaluation.temperature, evaluation.repetition_penalty, evaluation.no_repeat_ngram_size) == (0.0, 1.0, 1.0, 0)
-    mine = generate.parse_args(["--chat", "--top-p", "0", "--repetition-penalty", "1", "--no-repeat-ngram-size", "3"])
-    assert (mine.top_p, mine.repetition_penalty, mine.no_repeat_ngram_size) == (0.0, 1.0, 3)  # flags given win
-    assert generate.decoding_settings(chat) == "top-p 0.9, temperature 0.7, repetition penalty 1.2"
-    assert generate.decoding_settings(mine) == "greedy, no repeated 3-grams"
+    mine = generate.parse_args(["--chat", "--top-p", "0", "--repetition-penalty", "1.3", "--no-repeat-ngram-size", "0"])
+    assert (mine.top_p, mine.repetition_penalty, mine.no_repeat_ngram_size) == (0.0, 1.3, 0)  # flags given win
+    assert generate.decoding_settings(chat) == "top-p 0.9, temperature 0.7, no repeated 3-grams"
+    assert generate.decoding_settings(mine) == "greedy, repetition penalty 1.3"
 
 
 def test_stop_markers_cut_responses():
@@ -1394,7 +1394,7 @@ def test_chat_answers_and_obeys_commands(tmp_path):
     done = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path), "--chat", "--persona", "i love hiking.",
                            "--max-new-tokens", "4"], cwd=ROOT, input=typed, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("decoding: top-p 0.9, temperature 0.7, repetition penalty 1.2 (")  # its first line
+    assert done.stdout.startswith("decoding: top-p 0.9, temperature 0.7, no repeated 3-grams (")  # its first line
     assert done.stdout.count("bot [prompt ") == 2  # one answer per message, naming the prompt Eq. 7 chose
     assert "you> persona: i love hiking." in done.stdout
     assert "persona: i am a pilot. i love cats." in done.stdout
@@ -1406,6 +1406,7 @@ def test_chat_answers_and_obeys_commands(tmp_path):
     ("train.py", ["--model", "/no/such/model"], "expected a Hugging Face folder"),
     ("train.py", ["--model", "tiny", "--device", "cuda"], "use --device cpu"),
     ("generate.py", ["--ckpt", "/no/such/ckpt"], "not an SPT checkpoint"),
+    ("generate.py", ["--repetition-penalty", "0"], "--repetition-penalty must be above 0"),
 ])
 def test_cli_errors_are_one_line_without_traceback(script, flags, expected):
     if "cuda" in flags and torch.cuda.is_available():
