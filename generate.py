@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import data
 import metrics
@@ -20,6 +21,7 @@ from llm_loader import load_llm
 from train import length_groups, load_checkpoint, resolve_device, resolve_dtype, run_cli
 
 STOP_MARKERS = (" Q:", " R:", "\n")  # the next speaker of the template, or a line break, ends a response
+CHAT_DECODING = {"top_p": 0.9, "temperature": 0.7, "no_repeat_ngram_size": 3}  # --chat's defaults (README: why these)
 
 
 def select_prompts(llm, spt, context_ids, context_mask, noise=0.0, force=None, generator=None):
@@ -43,6 +45,30 @@ def next_tokens(logits, top_p, temperature, generator):
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     picks = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
     return order.gather(-1, picks).squeeze(-1)
+
+
+def penalize_repeats(logits, ids, mask, repetition_penalty=1.0, no_repeat_ngram_size=0):
+    """Hugging Face generate's repetition_penalty and no_repeat_ngram_size, each row over its own real tokens.
+
+    logits (B, V); ids (B, T) the prompt's token ids then the tokens generated so far (as HF does for a
+    decoder-only model; soft prompts have no ids), mask (B, T) 0 at padding, which never counts -> (B, V).
+    A seen token's logit is divided by the penalty (multiplied when negative); a token that would
+    complete an n-gram the row already holds is banned (-inf).
+    """
+    V = logits.shape[1]
+    real = mask.bool()
+    logits = F.pad(logits, (0, 1))  # (B, V+1): column V takes padding and non-n-grams, and is dropped
+    if repetition_penalty != 1.0:
+        seen = torch.where(real, ids.clamp(max=V), V)  # (B, T)
+        score = logits.gather(1, seen)
+        logits.scatter_(1, seen, torch.where(score < 0, score * repetition_penalty, score / repetition_penalty))
+    n = no_repeat_ngram_size
+    if n and ids.shape[1] >= n:
+        windows = ids.unfold(1, n, 1)  # (B, W, n): every n-gram; a window with padding in it is no n-gram
+        prefix = ids[:, ids.shape[1] - n + 1:]  # (B, n-1) the last tokens, which the next one would extend
+        completes = (windows[..., :-1] == prefix[:, None]).all(-1) & real.unfold(1, n, 1).all(-1)  # (B, W)
+        logits.scatter_(1, torch.where(completes, windows[..., -1].clamp(max=V), V), float("-inf"))
+    return logits[:, :V]
 
 
 def cut_at_stop(text):
@@ -86,25 +112,36 @@ def prefill(llm, embeds, mask, new_tokens=0):
 
 
 @torch.no_grad()
-def decode_steps(llm, embeds, mask, max_new_tokens, top_p=0.0, temperature=1.0, generator=None):
+def decode_steps(llm, embeds, mask, max_new_tokens, top_p=0.0, temperature=1.0, generator=None,
+                 ids=None, ids_mask=None, repetition_penalty=1.0, no_repeat_ngram_size=0):
     """Yield the next tokens (B,) one step at a time, with the KV cache; the caller stops when it likes.
 
-    embeds (B, T, E) and mask (B, T) are the whole prompted inputs, left-padded.
+    embeds (B, T, E) and mask (B, T) are the whole prompted inputs, left-padded. With repetition_penalty != 1
+    or no_repeat_ngram_size > 0, ids and ids_mask (B, T') are the prompt's token ids that penalize_repeats
+    counts, left-padded; the generated tokens join them.
     """
     cache, logits = prefill(llm, embeds, mask, max_new_tokens)
+    penalize = repetition_penalty != 1.0 or no_repeat_ngram_size > 0
     for step in range(max_new_tokens):
+        if penalize:
+            logits = penalize_repeats(logits, ids, ids_mask, repetition_penalty, no_repeat_ngram_size)
         token = next_tokens(logits, top_p, temperature, generator)  # (B,)
         yield token
         if step == max_new_tokens - 1:
             return
+        if penalize:
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            ids_mask = torch.cat([ids_mask, ids_mask.new_ones(ids_mask.shape[0], 1)], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = llm(input_ids=token[:, None], attention_mask=mask, kv_cache=cache)[:, -1]
 
 
-def generate(llm, tok, soft_prompts, prompt_ids, prompt_mask, max_new_tokens=32, top_p=0.0, temperature=1.0, generator=None):
+def generate(llm, tok, soft_prompts, prompt_ids, prompt_mask, max_new_tokens=32, top_p=0.0, temperature=1.0, generator=None,
+             repetition_penalty=1.0, no_repeat_ngram_size=0):
     """Decode a batch; row b continues concat(soft_prompts[b], its prompt).
 
     soft_prompts (B, L, E) the chosen prompt of each row; prompt_ids, prompt_mask (B, T) left-padded.
+    repetition_penalty and no_repeat_ngram_size count the prompt's tokens and the generated ones (penalize_repeats).
     Returns the B response strings (cut at EOS or at the template's next speaker marker).
     """
     B = prompt_ids.shape[0]
@@ -113,7 +150,8 @@ def generate(llm, tok, soft_prompts, prompt_ids, prompt_mask, max_new_tokens=32,
     generated = [[] for _ in range(B)]
     texts = [""] * B
     done = [False] * B
-    for token in decode_steps(llm, embeds, mask, max_new_tokens, top_p, temperature, generator):
+    for token in decode_steps(llm, embeds, mask, max_new_tokens, top_p, temperature, generator,
+                              prompt_ids, prompt_mask, repetition_penalty, no_repeat_ngram_size):
         for b, token_id in enumerate(token.tolist()):
             if done[b]:
                 continue
@@ -134,7 +172,7 @@ def respond(llm, tok, spt, encoded, args, generator=None):
     context_ids, context_mask = context_ids.to(device), context_mask.to(device)
     chosen, scores = select_prompts(llm, spt, context_ids, context_mask, args.selection_noise, args.prompt, generator)
     responses = generate(llm, tok, spt.soft_prompts[chosen], context_ids, context_mask, args.max_new_tokens,
-                         args.top_p, args.temperature, generator)
+                         args.top_p, args.temperature, generator, args.repetition_penalty, args.no_repeat_ngram_size)
     return responses, chosen.tolist(), scores.tolist()
 
 
@@ -179,6 +217,7 @@ def chat(llm, tok, spt, config, args):
         persona += [line.strip() for line in Path(args.persona_file).read_text().splitlines() if line.strip()]
     history = []
     generator = torch.Generator(device=llm.lm_head.weight.device).manual_seed(args.seed)
+    print(f"decoding: {decoding_settings(args)} (set with --top-p, --temperature, --repetition-penalty, --no-repeat-ngram-size)")
     print(f"persona: {' '.join(persona) or '(none)'}")
     print("type a message; commands: 'exit', 'clear' (forget the dialogue), 'persona' (show it), 'persona TEXT' (replace it)")
     while True:
@@ -219,12 +258,18 @@ def parse_args(argv=None):
                    help="evaluate on the LAST N dialogues of --data (default: the checkpoint's --holdout; 0 = all)")
     p.add_argument("--max-examples", type=int, default=0, help="evaluate on the first N examples only (0: all)")
     p.add_argument("--out", default=None, help="predictions JSONL (default: CKPT/predictions.jsonl)")
-    p.add_argument("--chat", action="store_true", help="talk to the model in the terminal instead of evaluating")
+    p.add_argument("--chat", action="store_true",
+                   help="talk to the model in the terminal instead of evaluating; its decoding defaults: "
+                        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in CHAT_DECODING.items()))
     p.add_argument("--persona", action="append", default=[], help="a persona sentence for --chat (repeat the flag)")
     p.add_argument("--persona-file", default=None, help="a file with one persona sentence per line, for --chat")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest response in tokens")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold; 0 decodes greedily")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --top-p)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="as in Hugging Face generate: logits of tokens already in the context or response are divided by it (1: off)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="as in Hugging Face generate: never repeat an n-gram of this many tokens of the context or response (0: off)")
     p.add_argument("--selection-noise", type=float, default=0.0,
                    help="alpha of Gaussian noise on the retriever scores before the argmax (A.7)")
     p.add_argument("--prompt", type=int, default=None, help="force soft prompt i for every context (Figure 3 analyses)")
@@ -234,7 +279,21 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="LLM weights ('auto': float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.chat:  # sampling that does not loop; greedy stays the evaluation default; flags given still win
+        p.set_defaults(**CHAT_DECODING)
+        args = p.parse_args(argv)
+    return args
+
+
+def decoding_settings(args):
+    """How responses are decoded, in words: 'top-p 0.9, temperature 0.7, repetition penalty 1.2'."""
+    parts = [f"top-p {args.top_p}, temperature {args.temperature}" if args.top_p > 0 else "greedy"]
+    if args.repetition_penalty != 1.0:
+        parts.append(f"repetition penalty {args.repetition_penalty}")
+    if args.no_repeat_ngram_size:
+        parts.append(f"no repeated {args.no_repeat_ngram_size}-grams")
+    return ", ".join(parts)
 
 
 def main(argv=None):
@@ -242,6 +301,8 @@ def main(argv=None):
     if args.top_p > 0 and args.temperature <= 0:
         raise ValueError(f"--top-p {args.top_p} samples at --temperature {args.temperature}, which must be above 0: "
                          f"raise --temperature, or drop --top-p to decode greedily")
+    if args.repetition_penalty <= 0 or args.no_repeat_ngram_size < 0:
+        raise ValueError("--repetition-penalty must be above 0 (1: off) and --no-repeat-ngram-size at least 0 (0: off)")
     device = resolve_device(args.device)
     spt, config = load_checkpoint(args.ckpt, device=device)
     llm, tok = load_llm(args.model or config["model"], device=device, dtype=resolve_dtype(args.dtype, device))

@@ -1,13 +1,15 @@
-"""Load a frozen LLM and its tokenizer from a Hugging Face folder, a GGUF file, or the name "smollm2".
+"""Load a frozen LLM and its tokenizer from a Hugging Face folder, a Hub model id, a GGUF file, or the name "smollm2".
 
 Weights are copied name for name into `model.LLM` (its parameter names are the Hugging Face names).
 A Hugging Face folder gives config.json, *.safetensors (single or sharded) or pytorch_model.bin, and
-tokenizer.json or vocab.json + merges.txt. A GGUF file (Llama architecture, as llama.cpp writes it)
-gives everything in one file: metadata for the config and tokenizer, tensors to dequantize.
+tokenizer.json or vocab.json + merges.txt. A Hub id (facebook/opt-125m) is such a folder in the
+Hugging Face cache, downloaded there first if needed. A GGUF file (Llama architecture, as llama.cpp
+writes it) gives everything in one file: metadata for the config and tokenizer, tensors to dequantize.
 """
 import importlib.util
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,8 +155,12 @@ def config_from_hf(cfg):
 def llama_config_from_hf(cfg):
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"config.json asks for rope scaling {rope_type!r}; only plain RoPE is implemented")
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"config.json asks for rope scaling {rope_type!r}; implemented: plain RoPE and 'llama3'")
+    llama3_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if rope_type == "llama3" and not set(llama3_keys) <= rope.keys():
+        raise ValueError(f"config.json's llama3 rope scaling needs {', '.join(llama3_keys)}; "
+                         "take config.json from the model's repository")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json has hidden_act {cfg['hidden_act']!r}; Llama here uses 'silu' only")
     return llm.ModelConfig(
@@ -169,6 +175,7 @@ def llama_config_from_hf(cfg):
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        rope_scaling={k: rope[k] for k in llama3_keys} if rope_type == "llama3" else None,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         attention_bias=cfg.get("attention_bias", False),
         mlp_bias=cfg.get("mlp_bias", False),
@@ -292,6 +299,87 @@ def load_hf(folder, device, dtype):
     hint = (f"the weights do not match {config_path} (check vocab_size, hidden_size, num_hidden_layers, "
             "heads, tie_word_embeddings there) or a file is incomplete (re-download the checkpoint)")
     return build_model(config, tokenizer, tensors, hint, device, dtype), tokenizer
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the Hub spells repositories
+HUB_SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "vocab.json", "merges.txt")
+HUB_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+HUB_LOGIN = "log in with `hf auth login` (`huggingface-cli login` in huggingface_hub < 1.0) or set HF_TOKEN"
+
+
+def is_hub_id(name):
+    """'facebook/opt-125m' yes; './opt', '/abs/path', 'a/b/c', 'x.gguf' no."""
+    return HUB_ID.fullmatch(name) is not None and not name.endswith(".gguf")
+
+
+def is_complete(folder):
+    """Whether a folder has everything load_hf reads: config.json, tokenizer files, all weight files."""
+    has_tokenizer = (folder / "tokenizer.json").exists() or all((folder / f).exists() for f in ("vocab.json", "merges.txt"))
+    try:
+        return (folder / "config.json").exists() and has_tokenizer and bool(weight_files(folder))
+    except FileNotFoundError:
+        return False
+
+
+def hub_files_to_download(repo_id, files, read_index):
+    """The repository files loading needs: config and tokenizer files, then safetensors, else the .bin fallback.
+
+    files: the repository's file names; read_index(name) -> the parsed index of sharded weights.
+    """
+    if "config.json" not in files:
+        gguf = any(f.endswith(".gguf") for f in files)
+        raise FileNotFoundError(f"{repo_id} on the Hugging Face Hub has no config.json"
+                                + ("; for a GGUF repository download one .gguf file and pass its path" if gguf else ""))
+    small = [f for f in HUB_SMALL_FILES if f in files]
+    for index, single in HUB_WEIGHTS:
+        if index in files:
+            return [*small, index, *sorted(set(read_index(index)["weight_map"].values()))]
+        if single in files:
+            return [*small, single]
+    raise FileNotFoundError(f"{repo_id} on the Hugging Face Hub has neither model.safetensors nor pytorch_model.bin "
+                            "(single or sharded); this loader reads only those")
+
+
+def from_hub(repo_id, call, *args, **kwargs):
+    """call(*args, **kwargs) to the Hub, its failures turned into one line that says what to do."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    try:
+        return call(*args, **kwargs)
+    except GatedRepoError as e:
+        raise PermissionError(f"{repo_id} is gated: accept its license on https://huggingface.co/{repo_id}, "
+                              f"then {HUB_LOGIN}") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{repo_id!r} is neither a folder here nor a model on the Hugging Face Hub; check the "
+                                f"spelling, or if it is private, {HUB_LOGIN}") from e
+    except Exception as e:  # network down, Hub errors: their first line, and what to do
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConnectionError(f"cannot download {repo_id} from the Hugging Face Hub ({reason}); check the network, "
+                              "or pass a local folder or .gguf file") from e
+
+
+def hub_folder(repo_id):
+    """The folder of a Hub model in the Hugging Face cache: the cached snapshot when it is complete, else
+    a download (with its progress bar) of only the files loading needs, which it then returns."""
+    import huggingface_hub as hub  # here, not at the top: its imports take 0.7 s that local models do not need
+
+    cached = hub.try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str) and is_complete(Path(cached).parent):
+        return Path(cached).parent
+    if hub.constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{repo_id} is not in the Hugging Face cache ({hub.constants.HF_HUB_CACHE}) and "
+                                "HF_HUB_OFFLINE=1 forbids downloading it: run once without HF_HUB_OFFLINE, "
+                                "or pass a local folder")
+    files = from_hub(repo_id, hub.list_repo_files, repo_id)
+
+    def read_index(name):
+        return read_json(Path(from_hub(repo_id, hub.hf_hub_download, repo_id, name)))
+
+    needed = hub_files_to_download(repo_id, files, read_index)
+    print(f"downloading {repo_id} ({len(needed)} files) into {hub.constants.HF_HUB_CACHE}", file=sys.stderr)
+    return Path(from_hub(repo_id, hub.snapshot_download, repo_id, allow_patterns=needed))
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -473,7 +561,10 @@ def tiny_llm(device, dtype):
 
 
 def load_llm(path_or_name, device="cpu", dtype=torch.float32):
-    """(frozen model.LLM in eval mode, Tokenizer) from a HF folder, a .gguf file, "smollm2" or "tiny"."""
+    """(frozen model.LLM in eval mode, Tokenizer) from a HF folder, a .gguf file, a Hub id, "smollm2" or "tiny".
+
+    A folder or file on disk wins over a Hub id of the same spelling.
+    """
     if str(path_or_name) == "smollm2":
         return load_gguf(smollm2_path(), device, dtype)
     if str(path_or_name) == "tiny":
@@ -483,5 +574,8 @@ def load_llm(path_or_name, device="cpu", dtype=torch.float32):
         return load_gguf(path, device, dtype)
     if path.is_dir() and (path / "config.json").exists():
         return load_hf(path, device, dtype)
+    if not path.exists() and is_hub_id(str(path_or_name)):
+        return load_hf(hub_folder(str(path_or_name)), device, dtype)
     raise FileNotFoundError(f"cannot load {str(path_or_name)!r}: expected a Hugging Face folder with config.json, "
-                            "a .gguf file, or the name 'smollm2' (or 'tiny' for a random smoke-test model)")
+                            "a .gguf file, a Hub model id like facebook/opt-125m, or the name 'smollm2' "
+                            "(or 'tiny' for a random smoke-test model)")

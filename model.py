@@ -6,6 +6,7 @@ The forward takes token ids or embeddings (SPT prepends soft prompts as embeddin
 attention mask with padding on either side, and an optional KV cache for decoding.
 There is no dropout: the LLM stays frozen and deterministic (paper 3.2).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # Llama
+    rope_scaling: dict | None = None  # Llama 3.1+ rope: factor, low/high_freq_factor, original_max_position_embeddings
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Llama q/k/v/o biases
     mlp_bias: bool = False  # Llama gate/up/down biases
@@ -151,9 +153,28 @@ def rotate_half(x):
     return torch.cat([-x2, x1], dim=-1)
 
 
-def rope(positions, head_dim, theta):
-    """Rotary cos and sin for positions (B, T): each (B, 1, T, hd), halves duplicated."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+def rope_inverse_frequencies(c):
+    """Rotary inverse frequencies (hd/2,), float32 on CPU; with c.rope_scaling, Llama 3.1's rescaling.
+
+    llama3: wavelengths longer than original_max_position_embeddings / low_freq_factor are divided
+    by factor, shorter than .. / high_freq_factor kept, and those between interpolated smoothly.
+    """
+    inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, device="cpu").float() / c.head_dim)
+    if c.rope_scaling is None:
+        return inv_freq
+    s = c.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope(positions, inv_freq):
+    """Rotary cos and sin for positions (B, T) and inv_freq (hd/2,): each (B, 1, T, hd), halves duplicated."""
     angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, hd)
     return angles.cos(), angles.sin()
@@ -209,10 +230,13 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.inv_freq = rope_inverse_frequencies(c)  # not a buffer: stays float32 whatever dtype the weights take
 
     def forward(self, x, mask, positions, kv_cache, grad_checkpoint):
         """x (B, T, D) embeddings -> (B, T, D) final hidden states."""
-        cos_sin = rope(positions, self.config.head_dim, self.config.rope_theta)
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        cos_sin = rope(positions, self.inv_freq)
         for i, block in enumerate(self.layers):
             x = run_block(block, x, mask, cos_sin, i, kv_cache, grad_checkpoint)
         return self.norm(x)

