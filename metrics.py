@@ -228,7 +228,7 @@ def routing_purity(kinds, chosen_prompts):
     Each kind is given a prompt of its own, the one-to-one map that keeps the most contexts on their
     kind's prompt (all maps tried; kinds without a prompt left map to None); purity is the share of all
     contexts on their kind's prompt, share[kind] that share within one kind. 1 when every kind has a
-    prompt to itself; 1 / (number of kinds) when every context goes to one prompt.
+    prompt to itself; the largest kind's share of the contexts when every context goes to one prompt.
     """
     if len(kinds) != len(chosen_prompts):
         raise ValueError(f"{len(kinds)} kinds but {len(chosen_prompts)} chosen prompts; give one per example")

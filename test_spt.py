@@ -2352,7 +2352,7 @@ def test_routing_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert rows[1]["usage"] == [200] and rows[1]["purity"] < 0.5  # PT: one prompt for every kind
     assert rows[2]["settings"]["fusion"] == "prob-mean" and rows[3]["settings"]["fusion"] == "score-logits"
     table = (tmp_path / "routing" / "table.md").read_text()
-    assert table.count("\n| ") == 6 and "routing purity" in table
+    assert table.count("\n| ") == 6 + 6 and "routing purity" in table and "| SPT, --recipe authors, 1-2 |" in table
     assert not list((tmp_path / "routing").glob("*/train_state.pt"))
 
 

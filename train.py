@@ -37,6 +37,7 @@ RECIPES = {
     "authors": {"fusion": "score-logits", "contrast_text": "persona", "nll_reduction": "mean",
                 "lambda_con": 0.4, "lambda_sel": 0.4},
 }
+FROM_RECIPE = "(default: from --recipe%(default).0s)"  # %(default).0s prints nothing; it stops "(default: None)"
 LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "tau_g", "tau_s", "gamma",
                  "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
 
@@ -73,20 +74,20 @@ def parse_args(argv=None):
                         "persona BLEU, pooled NLL, lambda-con = lambda-sel = 0.4 as in their OPT configs). A flag given explicitly wins")
     p.add_argument("--fusion", choices=["prob-mean", "score-logits"], default=None,
                    help="Eq. 5 as printed (NLL of the mean of the K distributions), or the authors' cross-entropy "
-                        "of sum_k s_k * logits_k (default: from --recipe)")
+                        "of sum_k s_k * logits_k " + FROM_RECIPE)
     p.add_argument("--contrast-text", choices=["context", "persona"], default=None,
-                   help="which texts Eq. 4's BLEU compares: the contexts (paper) or the personas (authors) (default: from --recipe)")
+                   help="which texts Eq. 4's BLEU compares: the contexts (paper) or the personas (authors) " + FROM_RECIPE)
     p.add_argument("--nll-reduction", choices=["sum", "mean"], default=None,
                    help="Eq. 6's sum over prompts of each prompt's NLL (paper), or one mean over all prompts' "
-                        "target tokens (authors) (default: from --recipe)")
+                        "target tokens (authors) " + FROM_RECIPE)
     p.add_argument("--tau-g", type=float, default=1.0, help="temperature of the LLM feedback softmax (Eq. 3)")
     p.add_argument("--tau-s", type=float, default=1.0,
                    help="temperature of the retriever softmax p = softmax(s / tau_s) (Eq. 3; the authors' tau_sim)")
     p.add_argument("--gamma", type=float, default=20.0, help="BLEU threshold (0-100) of similar context pairs (Eq. 4)")
     p.add_argument("--lambda-con", type=float, default=None,
-                   help="lambda1, weight of the contrastive loss (Eq. 6); 0 switches it off (default: from --recipe)")
+                   help="lambda1, weight of the contrastive loss (Eq. 6); 0 switches it off " + FROM_RECIPE)
     p.add_argument("--lambda-sel", type=float, default=None,
-                   help="lambda2, weight of the selection loss (Eq. 6); 0 switches it off (default: from --recipe)")
+                   help="lambda2, weight of the selection loss (Eq. 6); 0 switches it off " + FROM_RECIPE)
     p.add_argument("--lambda-fusion", type=float, default=1.0,
                    help="lambda3, weight of the fusion loss (Eq. 6); 0 switches it off")
     p.add_argument("--feedback-noise", type=float, default=0.0,

@@ -110,11 +110,26 @@ def report(runs_dir):
     lines.append(f"Held-out: the last {HOLDOUT} examples of `--data routing` ({len(train_part)} train). NLL is per target "
                  f"token; the random answer word alone leaves log 4 / {target_len:.1f} target tokens = "
                  f"{math.log(4) / target_len:.3f} per token that no prompt can remove. Routing purity: share of held-out contexts on their "
-                 f"kind's prompt, each kind on a prompt of its own (1 / 4 = 0.25 when all share one).")
+                 f"kind's prompt, each kind on a prompt of its own (when all share one prompt: the largest kind's share, "
+                 f"{max(kinds.count(k) for k in set(kinds)) / len(kinds):.2f} here).")
+    lines += ["", *diagnostics(runs_dir)]
     (runs_dir / "table.md").write_text("\n".join(lines) + "\n")
     (runs_dir / "report.json").write_text(json.dumps(rows, indent=1) + "\n")
     print("\n".join(lines))
     plot(runs_dir)
+
+
+def diagnostics(runs_dir, window=10):
+    """What the SPT training logs say about routing, averaged over the first and the last `window` steps."""
+    keys = [("q_max", "largest q"), ("p_max", "largest p"), ("agree", "argmax p = argmax q"),
+            ("vc_cos", "v_C cosine"), ("grad_lin_context", "grad norm at lin_C"), ("distinct", "distinct prompts / batch")]
+    lines = ["| SPT run, steps | " + " | ".join(title for _, title in keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    for name, label in RUNS[1:]:
+        log = [json.loads(line) for line in (runs_dir / name / "log.jsonl").read_text().splitlines()]
+        for part in (log[:window], log[-window:]):
+            cells = [sum(r[key] for r in part) / len(part) for key, _ in keys]
+            lines.append(f"| {label}, {part[0]['step']}-{part[-1]['step']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return lines
 
 
 def plot(runs_dir):
