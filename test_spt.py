@@ -2332,6 +2332,9 @@ def test_fill_readme_replaces_blocks_from_files(tmp_path, monkeypatch):
     (tmp_path / "t.md").write_text("| a | 1 |\n")
     text = "intro\n<!-- BEGIN t.md -->\nold numbers\n<!-- END t.md -->\nafter\n"
     assert fill_readme.fill(text) == "intro\n<!-- BEGIN t.md -->\n| a | 1 |\n<!-- END t.md -->\nafter\n"
+    (tmp_path / "b.txt").write_text("timing ...\n| x | 2 |\n| y | 3 |\nnumbers in b.json\n")
+    assert fill_readme.fill("<!-- BEGIN b.txt#table -->\n<!-- END b.txt#table -->") == (
+        "<!-- BEGIN b.txt#table -->\n| x | 2 |\n| y | 3 |\n<!-- END b.txt#table -->")
     with pytest.raises(SystemExit, match="names missing.md, which does not exist"):
         fill_readme.fill("<!-- BEGIN missing.md -->\n<!-- END missing.md -->")
 

@@ -1,7 +1,8 @@
 """Fill README.md's result blocks from committed outputs, so no number in README is typed by hand.
 
 A block is the text between `<!-- BEGIN path -->` and `<!-- END path -->`; it is replaced by the
-file at `path` (relative to the project root). Run after a results script: python results/fill_readme.py
+file at `path` (relative to the project root), or by only its Markdown table lines for `path#table`.
+Run after a results script: python results/fill_readme.py
 """
 import re
 import sys
@@ -14,10 +15,14 @@ BLOCK = re.compile(r"(<!-- BEGIN (\S+) -->\n).*?(<!-- END \2 -->)", re.S)
 def fill(text):
     """text with every block's body replaced by its file; a block naming a missing file is an error."""
     def body(match):
-        path = ROOT / match.group(2)
+        name, _, part = match.group(2).partition("#")
+        path = ROOT / name
         if not path.is_file():
-            sys.exit(f"error: README block names {match.group(2)}, which does not exist: run the results script that writes it")
-        return match.group(1) + path.read_text() + match.group(3)
+            sys.exit(f"error: README block names {name}, which does not exist: run the results script that writes it")
+        text = path.read_text()
+        if part == "table":
+            text = "".join(line for line in text.splitlines(keepends=True) if line.startswith("|"))
+        return match.group(1) + text + match.group(3)
     return BLOCK.sub(body, text)
 
 
