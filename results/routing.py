@@ -44,27 +44,32 @@ def write_oracle_data(folder):
 
 
 @torch.no_grad()
-def score_run(llm, batches, soft_prompts, choose):
-    """Per held-out example: NLL with the chosen prompt, the chosen prompt, and the NLL of its best prompt.
+def score_run(llm, batches, soft_prompts, choose, best_of_k=True):
+    """Per held-out example: NLL with the chosen prompt, the chosen prompt, and the NLL of its best prompt
+    (best_of_k=False skips the K forwards that takes and reports None).
 
     soft_prompts (K, L, E); choose(batch) -> (B,) prompt indices.
     """
     nll, chosen, best = [], [], []
     for batch in batches:
         picks = choose(batch)
+        if not best_of_k:
+            nll += train.prompted_nll(llm, soft_prompts[picks], batch).tolist()
+            chosen += picks.tolist()
+            continue
         every = torch.stack([train.prompted_nll(llm, soft_prompts[[k] * len(picks)], batch)
                              for k in range(len(soft_prompts))], dim=1)  # (B, K)
         nll += every.gather(1, picks[:, None]).squeeze(1).tolist()
         chosen += picks.tolist()
         best += every.min(1).values.tolist()
-    return nll, chosen, best
+    return nll, chosen, best or None
 
 
 def summarize(name, label, kinds, nll, chosen, best, config):
     purity, share, assignment = metrics.routing_purity(kinds, chosen)
     per_kind = {kind: sum(x for x, k in zip(nll, kinds) if k == kind) / kinds.count(kind) for kind in sorted(set(kinds))}
     return {"run": name, "label": label, "nll": sum(nll) / len(nll), "nll_by_kind": per_kind,
-            "best_prompt_nll": sum(best) / len(best), "purity": purity, "purity_by_kind": share,
+            "best_prompt_nll": sum(best) / len(best) if best else None, "purity": purity, "purity_by_kind": share,
             "prompt_of_kind": assignment, "usage": [chosen.count(k) for k in range(max(chosen) + 1)],
             "steps": config.get("step"), "settings": {k: config["args"][k] for k in (
                 "num_prompts", "prompt_len", "prompt_init", "lr", "batch_size", "seed", "recipe", "fusion",
@@ -95,7 +100,7 @@ def report(runs_dir):
     index = {kind: k for k, kind in enumerate(sorted(data.ROUTING_KINDS))}
     choose = lambda batch: torch.tensor([index[data.routing_kind(ex)] for ex in batch.examples])  # noqa: E731
     rows.append(summarize("oracle", "oracle (a PT prompt per kind, picked by kind)", kinds,
-                          *score_run(llm, batches, prompts, choose), oracle[0][1]))
+                          *score_run(llm, batches, prompts, choose, best_of_k=False), oracle[0][1]))
 
     target_len = sum(len(e.target_ids) for e in encoded) / len(encoded)
     lines = ["| run | held-out NLL, Eq. 7 | NLL with each context's best prompt | routing purity | prompt usage |",
@@ -104,7 +109,8 @@ def report(runs_dir):
         if row["run"] == "none":
             lines.append(f"| {row['label']} | {row['nll']:.3f} | | | |")
             continue
-        lines.append(f"| {row['label']} | {row['nll']:.3f} | {row['best_prompt_nll']:.3f} | {row['purity']:.2f} | "
+        best = f"{row['best_prompt_nll']:.3f}" if row["best_prompt_nll"] is not None else ""
+        lines.append(f"| {row['label']} | {row['nll']:.3f} | {best} | {row['purity']:.2f} | "
                      f"{row['usage']} |")
     lines.append("")
     lines.append(f"Held-out: the last {HOLDOUT} examples of `--data routing` ({len(train_part)} train). NLL is per target "
