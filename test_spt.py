@@ -1593,6 +1593,19 @@ def test_pt_baseline_trains_only_the_prompt(tmp_path):
     assert set(record) >= {"loss", "nll"} and "con" not in record and record["loss"] == record["nll"]
 
 
+def test_spt_with_one_prompt_updates_its_prompt_as_pt_does(tmp_path):
+    """Table 3's K = 1 row reuses the PT L = 1 run: with K = 1, Eq. 3's KL is 0 and Eq. 5 is Eq. 2, so the prompt's
+    gradient is twice PT's, and Adam's update does not see the factor (up to its eps)."""
+    flags = TINY + ["--prompt-len", "1", "--max-steps", "3", "--max-len", "64", "--prompt-init", "vocab"]
+    pt = train.train(train.parse_args(flags + ["--method", "pt", "--out", str(tmp_path / "pt")]))
+    spt = train.train(train.parse_args(flags + ["--num-prompts", "1", "--recipe", "paper", "--out", str(tmp_path / "spt")]))
+    initial = train.train(train.parse_args(flags + ["--method", "pt", "--lr", "0", "--out", str(tmp_path / "initial")]))
+    moved = (pt.soft_prompts - initial.soft_prompts).abs().max()
+    assert moved > 1e-3
+    assert (spt.soft_prompts - pt.soft_prompts).abs().max() < 0.01 * moved  # 3 Adam steps of lr 0.01: 0.03 at most
+    assert read_log(tmp_path / "spt" / "log.jsonl")[0]["loss"] > 2 * read_log(tmp_path / "pt" / "log.jsonl")[0]["loss"] - 1e-4
+
+
 def test_batched_decoding_equals_one_by_one():
     llm, tok, encoded, _ = tiny_batch(n=5, max_len=512)
     torch.manual_seed(1)
@@ -2357,6 +2370,31 @@ def test_routing_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     table = (tmp_path / "routing" / "table.md").read_text()
     assert table.count("\n| ") == 6 + 6 and "routing purity" in table and "| SPT, --recipe authors, 1-2 |" in table
     assert not list((tmp_path / "routing").glob("*/train_state.pt"))
+
+
+@pytest.mark.slow
+def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path):
+    """results/pt_vs_spt.sh (and what ablations.sh / num_prompts.sh share) on the tiny model and the demo set: a run cut
+    after 1 of 2 steps continues from its checkpoint, runs are scored and tabled, and predictions hold only model output."""
+    out = tmp_path / "convai2"
+    env = {**os.environ, "MODEL": "tiny", "DATA": "demo", "HOLDOUT": "2", "STEPS": "2", "EVAL_EVERY": "1", "OUT": str(out),
+           "PY": sys.executable, "SEEDS": "0 1", "ONLY": "pt_L1_seed0 spt_paper_seed0 spt_paper_seed1", "OMP_NUM_THREADS": "1"}
+    train.train(train.parse_args(TINY + ["--holdout", "2", "--max-steps", "1", "--batch-size", "8", "--prompt-init", "vocab",
+                                         "--eval-every", "1", "--eval-examples", "200", "--save-every", "25",
+                                         "--method", "pt", "--prompt-len", "1", "--out", str(out / "pt_L1_seed0")]))
+    done = subprocess.run(["bash", "results/pt_vs_spt.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in read_log(out / "pt_L1_seed0" / "log.jsonl")] == [1, 2]  # resumed, not restarted
+    for run in ("pt_L1_seed0", "spt_paper_seed0", "spt_paper_seed1"):
+        assert json.loads((out / run / "heldout.json").read_text())["step"] == 2 and not (out / run / "train_state.pt").exists()
+    assert not (out / "pt_L4_seed0").exists() and (out / "no_prompt.json").is_file()
+    records = [json.loads(line) for line in (out / "spt_paper_seed0" / "predictions.jsonl").read_text().splitlines()]
+    assert records and all(set(r) == {"dialogue_id", "turn", "prediction", "chosen_prompt"} for r in records)
+    assert not (out / "spt_paper_seed1" / "predictions.jsonl").exists()  # only seed 0 decodes
+    table = (out / "pt_vs_spt.md").read_text()
+    assert "| PT, L = 4 | 0 | not run yet |" in table and "| SPT K = 4, L = 1, --recipe paper | 2 |" in table
+    assert " ± " in table and "Prompt usage by turn" in table
+    assert "| 1 |" in (out / "num_prompts.md").read_text()
 
 
 # ============================================================================= bench.py: the reference computes what train.step_loss computes

@@ -248,15 +248,20 @@ def prompted_nll(llm, soft_prompts, batch):
 
 
 @torch.no_grad()
+def heldout_nll(llm, spt, eval_batches):
+    """Per held-out example: mean target NLL with the prompt the retriever picks (Eq. 7), and that prompt."""
+    nll, chosen = [], []
+    for batch in eval_batches:
+        picks = spt.scores(llm.embed(batch.context_ids), batch.context_mask).argmax(-1)  # (B,)
+        nll += prompted_nll(llm, spt.soft_prompts[picks], batch).tolist()
+        chosen += picks.tolist()
+    return nll, chosen
+
+
 def evaluate(llm, spt, eval_batches):
     """Held-out mean target NLL with the prompt the retriever picks (Eq. 7), and how often each was picked."""
-    nll, count, usage = 0.0, 0, torch.zeros(spt.num_prompts, dtype=torch.long)
-    for batch in eval_batches:
-        chosen = spt.scores(llm.embed(batch.context_ids), batch.context_mask).argmax(-1)  # (B,)
-        nll += prompted_nll(llm, spt.soft_prompts[chosen], batch).sum().item()
-        count += len(chosen)
-        usage += torch.bincount(chosen.cpu(), minlength=spt.num_prompts)
-    return nll / count, usage.tolist()
+    nll, chosen = heldout_nll(llm, spt, eval_batches)
+    return sum(nll) / len(nll), torch.bincount(torch.tensor(chosen), minlength=spt.num_prompts).tolist()
 
 
 def contrast_texts(batch, which):

@@ -1,0 +1,243 @@
+"""PT versus SPT on ConvAI2 (README "Results"): score finished runs, and write the tables from what is scored.
+
+    python results/convai2.py heldout RUN [RUN ...]  # Eq. 7 held-out NLL on every test example -> RUN/heldout.json
+    python results/convai2.py baseline RUN           # the frozen LLM with no prompt, on RUN's test part -> RUNS/no_prompt.json
+    python results/convai2.py predictions RUN        # greedy responses and their metrics -> RUN/predictions.jsonl, RUN/generation.json
+    python results/convai2.py report RUNS            # RUNS/pt_vs_spt.md, ablations.md, num_prompts.md from the scored runs
+
+Runs are train.py folders named SETTING_seedN (results/pt_vs_spt.sh, results/ablations.sh). The test part is the
+checkpoint's --holdout (the last 100 dialogues of the shared ConvAI2 validation file). Committed predictions hold
+the model's responses only (dialogue id, turn, response, chosen prompt), never ConvAI2 text: `predictions`
+scores them against the references before it drops those.
+"""
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import generate  # noqa: E402
+import metrics  # noqa: E402
+import train  # noqa: E402
+from llm_loader import load_llm  # noqa: E402
+
+MAIN = [("pt_L1", "PT, L = 1"), ("pt_L4", "PT, L = 4"), ("spt_paper", "SPT K = 4, L = 1, --recipe paper"),
+        ("spt_authors", "SPT K = 4, L = 1, --recipe authors")]
+ABLATIONS = [("spt_paper", "SPT (Eq. 6, --recipe paper)"), ("spt_no_con", "w/o contrastive (lambda-con 0)"),
+             ("spt_no_sel", "w/o selection (lambda-sel 0)"), ("spt_no_fusion", "w/o fusion (lambda-fusion 0)")]
+NUM_PROMPTS = [("pt_L1", 1), ("spt_K2", 2), ("spt_paper", 4), ("spt_K8", 8)]  # K = 1 is PT L = 1: see num_prompts()
+GENERATION = [("F1", "f1"), ("BLEU", "bleu"), ("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"), ("ROUGE-L", "rougeL"),
+              ("DIST-1", "dist1"), ("DIST-2", "dist2"), ("persona BLEU", "persona_bleu")]
+
+
+def test_batches(config, tok, batch_size=8):
+    """The checkpoint's held-out examples, encoded as it was trained, in batches of similar length (less padding)."""
+    if not Path(config["data"]).is_file() and config["data"] not in ("demo", "routing"):
+        sys.exit(f"error: {config['data']} (the run's --data) is absent: put the ConvAI2 validation file there")
+    held_out = data.split_by_dialogue(data.load_examples(config["data"]), config["holdout"], shuffle=False)[1]
+    encoded = sorted((data.encode_example(ex, tok, config["max_len"]) for ex in held_out), key=lambda e: len(e.prompt_ids) + len(e.target_ids))
+    return list(data.batches(encoded, batch_size, tok.pad_id, shuffle=False))
+
+
+def heldout(runs):
+    """Held-out NLL per token with the prompt of Eq. 7, averaged over every test example, and the prompts picked."""
+    llm = tok = None
+    for run in map(Path, runs):
+        spt, config = train.load_checkpoint(run)
+        if llm is None:
+            llm, tok = load_llm(config["model"], device="cpu")
+        batches = test_batches(config, tok)
+        nll, chosen = train.heldout_nll(llm, spt, batches)
+        turns = [ex.turn for batch in batches for ex in batch.examples]
+        result = {"step": config["step"], "examples": len(nll), "nll": sum(nll) / len(nll),
+                  "usage": [chosen.count(k) for k in range(spt.num_prompts)],
+                  "usage_by_turn": metrics.prompt_usage_by_turn(turns, chosen, spt.num_prompts)}
+        (run / "heldout.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"{run}: held-out NLL {result['nll']:.4f} on {len(nll)} examples (step {result['step']}), usage {result['usage']}")
+
+
+@torch.no_grad()
+def baseline(run):
+    """The frozen LLM with no soft prompt on run's test part: the floor every prompt should beat."""
+    config = train.load_checkpoint(run)[1]
+    llm, tok = load_llm(config["model"], device="cpu")
+    nobody = torch.zeros(1, 0, llm.embed_dim)
+    nll = [x for batch in test_batches(config, tok)
+           for x in train.prompted_nll(llm, nobody.expand(len(batch.examples), 0, -1), batch).tolist()]
+    out = Path(run).parent / "no_prompt.json"
+    out.write_text(json.dumps({"examples": len(nll), "nll": sum(nll) / len(nll)}, indent=1) + "\n")
+    print(f"frozen LLM, no prompt: held-out NLL {sum(nll) / len(nll):.4f} on {len(nll)} examples -> {out}")
+
+
+def predictions(run):
+    """Greedy responses to every test context (generate.py), scored, then stored without the ConvAI2 text."""
+    run = Path(run)
+    with tempfile.TemporaryDirectory() as tmp:
+        full = Path(tmp) / "predictions.jsonl"
+        generate.main(["--ckpt", str(run), "--out", str(full), "--device", "cpu"])
+        records = metrics.read_predictions(full)
+    scores = {k: v for k, v in metrics.metrics_of_records(records).items() if not k.startswith("bertscore")}
+    (run / "generation.json").write_text(json.dumps({"examples": len(records), **scores}, indent=1) + "\n")
+    own = [{k: r[k] for k in ("dialogue_id", "turn", "prediction", "chosen_prompt")} for r in records]
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in own))
+    print(f"{run}: " + ", ".join(f"{name} {scores[key]:.2f}" for name, key in GENERATION))
+
+
+# ----------------------------------------------------------------------------- tables
+
+def read(path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def seeds_of(runs_dir, setting):
+    """{seed: heldout.json} of the scored runs SETTING_seedN."""
+    found = {}
+    for folder in sorted(runs_dir.glob(f"{setting}_seed*")):
+        result = read(folder / "heldout.json")
+        if result is not None:
+            found[int(folder.name.rsplit("seed", 1)[1])] = result
+    return dict(sorted(found.items()))
+
+
+def mean_std(values):
+    """'mean ± std' (sample std over seeds), or the one value."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def steps_note(runs_dir, settings):
+    """How long the finished runs of the table trained, from their configs (one phrase when all agree)."""
+    shapes = set()
+    for setting, _ in settings:
+        for folder in runs_dir.glob(f"{setting}_seed*"):
+            config = read(folder / "config.json")
+            if config and (folder / "heldout.json").is_file():
+                shapes.add(f"{config['args']['max_steps']} steps of {config['batch_size']} examples")
+    return "Runs trained " + " or ".join(sorted(shapes)) if shapes else "No run has finished yet"
+
+
+def eval_curve(folder):
+    """[(step, held-out NLL on the first --eval-examples test examples)] from a run's training log."""
+    log = folder / "log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return [(row["step"], row["eval_nll"]) for row in rows if "eval_nll" in row]
+
+
+def main_table(runs_dir):
+    lines = ["| setting | seeds | held-out NLL (mean ± std over seeds) | per seed | prompt usage, seed 0 |",
+             "| --- | ---: | ---: | --- | --- |"]
+    baseline_result = read(runs_dir / "no_prompt.json")
+    if baseline_result:
+        lines.append(f"| frozen LLM, no prompt | | {baseline_result['nll']:.3f} | | |")
+    for setting, label in MAIN:
+        found = seeds_of(runs_dir, setting)
+        if not found:
+            lines.append(f"| {label} | 0 | not run yet | | |")
+            continue
+        values = [r["nll"] for r in found.values()]
+        per_seed = ", ".join(f"{r['nll']:.3f} ({seed})" for seed, r in found.items())
+        usage = found[0]["usage"] if 0 in found and setting.startswith("spt") else ""
+        lines.append(f"| {label} | {len(found)} | {mean_std(values)} | {per_seed} | {usage} |")
+    lines += ["", f"Held-out NLL: mean over the test examples of the per-token NLL of the reference response, each "
+                  f"with the prompt Eq. 7 picks. {steps_note(runs_dir, MAIN)}. Per seed: value (seed)."]
+    lines += ["", generation_table(runs_dir, [(f"{s}_seed0", label) for s, label in MAIN])]
+    lines += ["", curve_table(runs_dir, MAIN)]
+    for setting, label in MAIN[2:]:
+        result = read(runs_dir / f"{setting}_seed0" / "heldout.json")
+        if result:
+            lines += ["", f"Prompt usage by turn, {label}, seed 0 (Eq. 7 on the {result['examples']} test contexts; "
+                          f"columns are prompts):", "", usage_by_turn_table(result["usage_by_turn"])]
+    return "\n".join(lines) + "\n"
+
+
+def generation_table(runs_dir, runs):
+    lines = ["| greedy responses, seed 0 | " + " | ".join(name for name, _ in GENERATION) + " |",
+             "| --- |" + " ---: |" * len(GENERATION)]
+    for run, label in runs:
+        result = read(runs_dir / run / "generation.json")
+        cells = [f"{result[key]:.2f}" for _, key in GENERATION] if result else ["not run yet"] + [""] * (len(GENERATION) - 1)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_table(runs_dir, settings):
+    """Held-out NLL on the first test examples at each --eval-every step of the seed-0 runs: has it flattened?"""
+    curves = {label: dict(eval_curve(runs_dir / f"{setting}_seed0")) for setting, label in settings}
+    steps = sorted({step for curve in curves.values() for step in curve})
+    if not steps:
+        return "(no evaluation during training logged yet)"
+    lines = ["| held-out NLL during training, seed 0, at step | " + " | ".join(map(str, steps)) + " |",
+             "| --- |" + " ---: |" * len(steps)]
+    for label, curve in curves.items():
+        lines.append(f"| {label} | " + " | ".join(f"{curve[s]:.3f}" if s in curve else "" for s in steps) + " |")
+    return "\n".join(lines)
+
+
+def usage_by_turn_table(table):
+    k = len(next(iter(table.values())))
+    lines = ["| turn | " + " | ".join(f"sp{i}" for i in range(k)) + " |", "| ---: |" + " ---: |" * k]
+    for turn, counts in table.items():
+        lines.append(f"| {turn} | " + " | ".join(f"{c / sum(counts):.2f}" for c in counts) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(runs_dir):
+    lines = ["| variant, seed 0 | held-out NLL | DIST-1 | DIST-2 | prompt usage |", "| --- | ---: | ---: | ---: | --- |"]
+    for setting, label in ABLATIONS:
+        result = read(runs_dir / f"{setting}_seed0" / "heldout.json")
+        generation = read(runs_dir / f"{setting}_seed0" / "generation.json")
+        if not result:
+            lines.append(f"| {label} | not run yet | | | |")
+            continue
+        dist = [f"{generation[k]:.2f}" if generation else "" for k in ("dist1", "dist2")]
+        lines.append(f"| {label} | {result['nll']:.3f} | {dist[0]} | {dist[1]} | {result['usage']} |")
+    return "\n".join(lines) + "\n"
+
+
+def num_prompts_table(runs_dir):
+    """Table 3. K = 1 is the PT L = 1 run: with one prompt Eq. 3's KL is 0, Eq. 5 equals Eq. 2, and Eq. 4 moves
+    only the retriever, so the prompt's gradient is 2x PT's, which Adam's update does not see (up to its eps)."""
+    lines = ["| K, seed 0 | held-out NLL | prompt usage |", "| ---: | ---: | --- |"]
+    for setting, k in NUM_PROMPTS:
+        result = read(runs_dir / f"{setting}_seed0" / "heldout.json")
+        lines.append(f"| {k} | {result['nll']:.3f} | {result['usage']} |" if result else f"| {k} | not run yet | |")
+    return "\n".join(lines) + "\n"
+
+
+def report(runs_dir):
+    runs_dir = Path(runs_dir)
+    for name, text in [("pt_vs_spt.md", main_table(runs_dir)), ("ablations.md", ablation_table(runs_dir)),
+                       ("num_prompts.md", num_prompts_table(runs_dir))]:
+        (runs_dir / name).write_text(text)
+        print(f"{runs_dir / name}:\n{text}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("heldout", help="Eq. 7 held-out NLL of each run -> RUN/heldout.json").add_argument("runs", nargs="+")
+    sub.add_parser("baseline", help="the frozen LLM's held-out NLL on RUN's test part").add_argument("run")
+    sub.add_parser("predictions", help="greedy responses and their metrics").add_argument("run")
+    sub.add_parser("report", help="the tables from the scored runs in RUNS").add_argument("runs_dir")
+    args = p.parse_args(argv)
+    if args.command == "heldout":
+        heldout(args.runs)
+    elif args.command == "baseline":
+        baseline(args.run)
+    elif args.command == "predictions":
+        predictions(args.run)
+    else:
+        report(args.runs_dir)
+
+
+if __name__ == "__main__":
+    main()

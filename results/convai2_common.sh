@@ -1,0 +1,47 @@
+# Shared by results/pt_vs_spt.sh, results/ablations.sh and results/num_prompts.sh (sourced, not run).
+# Frozen SmolLM2-135M on CPU in float32; train on the first 900 dialogues of the shared ConvAI2 validation file,
+# test on its last 100 (776 examples). Every run has the same data order for a seed and the same steps.
+# Environment: STEPS (default 150), SEEDS, ONLY (run names to run, space-separated), MODEL, DATA, HOLDOUT, OUT, PY.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PY:-python}
+MODEL=${MODEL:-smollm2}
+DATA=${DATA:-../shared/data/convai2/valid_self_original_no_cands.txt}
+HOLDOUT=${HOLDOUT:-100}
+STEPS=${STEPS:-150}
+EVAL_EVERY=${EVAL_EVERY:-50}
+OUT=${OUT:-results/convai2}
+if [[ $DATA != demo && ! -f $DATA ]]; then
+  echo "skipped: $DATA is absent (the ConvAI2 validation split; see ../shared/README.md), or set DATA=" >&2
+  exit 0
+fi
+# --prompt-init vocab: the paper's N(0, 1) init has about 7 times the norm of SmolLM2's embedding rows, and a 1-token
+# prompt from it barely moves at lr 0.01 (README "Routing"). --eval-every scores the first 200 test examples.
+TRAIN=(--model "$MODEL" --data "$DATA" --holdout "$HOLDOUT" --max-steps "$STEPS" --batch-size 8 --device cpu
+       --dtype float32 --prompt-init vocab --lr 0.01 --eval-every "$EVAL_EVERY" --eval-examples 200
+       --save-every 25 --log-every 10)
+mkdir -p "$OUT"
+echo "ConvAI2 runs in $OUT: ${TRAIN[*]}"
+
+# run NAME SEED DECODE TRAIN_FLAGS...: train NAME (or continue it with --resume from its checkpoint), score the
+# held-out part with Eq. 7 and, when DECODE is 1, decode greedily. A run with a heldout.json is finished.
+run() {
+  local name=$1 seed=$2 decode=$3 out="$OUT/$1"
+  shift 3
+  if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then return 0; fi
+  if [[ -f $out/heldout.json ]]; then echo "$name: finished, skipped"; return 0; fi
+  local resume=()
+  if [[ -f $out/train_state.pt ]]; then resume=(--resume); fi
+  echo "== $name ($(date -u +%H:%M:%S))"
+  "$PY" train.py "${TRAIN[@]}" --seed "$seed" "$@" --out "$out" "${resume[@]}"
+  if [[ ! -f $OUT/no_prompt.json ]]; then "$PY" results/convai2.py baseline "$out"; fi
+  if [[ $decode == 1 ]]; then "$PY" results/convai2.py predictions "$out"; fi
+  "$PY" results/convai2.py heldout "$out"
+  rm -f "$out/train_state.pt"  # the optimizer state is only needed to continue; spt.safetensors stays
+}
+
+report() {
+  "$PY" results/convai2.py report "$OUT"
+  if [[ $OUT == results/convai2 ]]; then "$PY" results/fill_readme.py; fi
+  echo "done in $((SECONDS / 60))m$((SECONDS % 60))s"
+}
