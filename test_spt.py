@@ -2395,6 +2395,9 @@ def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path
     assert "| PT, L = 4 | 0 | not run yet |" in table and "| SPT K = 4, L = 1, --recipe paper | 2 |" in table
     assert " ± " in table and "Prompt usage by turn" in table
     assert "| 1 |" in (out / "num_prompts.md").read_text()
+    again = subprocess.run(["bash", "results/pt_vs_spt.sh"], cwd=ROOT, env={**env, "STEPS": "3", "SEEDS": "0"},
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and "pt_L1_seed0 finished at 2 steps, not STEPS=3" in again.stderr
 
 
 # ============================================================================= bench.py: the reference computes what train.step_loss computes
