@@ -121,7 +121,8 @@ def steps_note(runs_dir, settings):
         for folder in runs_dir.glob(f"{setting}_seed*"):
             config = read(folder / "config.json")
             if config and (folder / "heldout.json").is_file():
-                shapes.add(f"{config['args']['max_steps']} steps of {config['batch_size']} examples")
+                steps, batch = config["args"]["max_steps"], config["batch_size"]
+                shapes.add(f"{steps} steps of {batch} examples ({steps * batch} examples)")
     return "Runs trained " + " or ".join(sorted(shapes)) if shapes else "No run has finished yet"
 
 
@@ -175,7 +176,7 @@ def curve_table(runs_dir, settings):
     steps = sorted({step for curve in curves.values() for step in curve})
     if not steps:
         return "(no evaluation during training logged yet)"
-    lines = ["| held-out NLL during training, seed 0, at step | " + " | ".join(map(str, steps)) + " |",
+    lines = ["| held-out NLL on the first 200 test examples during training, seed 0, at step | " + " | ".join(map(str, steps)) + " |",
              "| --- |" + " ---: |" * len(steps)]
     for label, curve in curves.items():
         lines.append(f"| {label} | " + " | ".join(f"{curve[s]:.3f}" if s in curve else "" for s in steps) + " |")
@@ -215,6 +216,8 @@ def num_prompts_table(runs_dir):
 
 def report(runs_dir):
     runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        sys.exit(f"error: {runs_dir} does not exist: pass the OUT folder of results/pt_vs_spt.sh (results/convai2)")
     for name, text in [("pt_vs_spt.md", main_table(runs_dir)), ("ablations.md", ablation_table(runs_dir)),
                        ("num_prompts.md", num_prompts_table(runs_dir))]:
         (runs_dir / name).write_text(text)
