@@ -105,6 +105,15 @@ def seeds_of(runs_dir, setting):
     return dict(sorted(found.items()))
 
 
+def pending(runs_dir, run):
+    """What a table says for a run without scores: 'not run yet', or how far a cut run got."""
+    log, config = runs_dir / run / "log.jsonl", read(runs_dir / run / "config.json")
+    if not log.is_file() or config is None:
+        return "not run yet"
+    lines = log.read_text().splitlines()
+    return f"cut at step {json.loads(lines[-1])['step'] if lines else 0} of {config['args']['max_steps']}"
+
+
 def mean_std(values):
     """'mean ± std' (sample std over seeds), or the one value."""
     mean = sum(values) / len(values)
@@ -142,7 +151,7 @@ def main_table(runs_dir):
     for setting, label in MAIN:
         found = seeds_of(runs_dir, setting)
         if not found:
-            lines.append(f"| {label} | 0 | not run yet | | |")
+            lines.append(f"| {label} | 0 | {pending(runs_dir, f'{setting}_seed0')} | | |")
             continue
         values = [r["nll"] for r in found.values()]
         per_seed = ", ".join(f"{r['nll']:.3f} ({seed})" for seed, r in found.items())
@@ -165,7 +174,7 @@ def generation_table(runs_dir, runs):
              "| --- |" + " ---: |" * len(GENERATION)]
     for run, label in runs:
         result = read(runs_dir / run / "generation.json")
-        cells = [f"{result[key]:.2f}" for _, key in GENERATION] if result else ["not run yet"] + [""] * (len(GENERATION) - 1)
+        cells = [f"{result[key]:.2f}" for _, key in GENERATION] if result else [pending(runs_dir, run)] + [""] * (len(GENERATION) - 1)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -197,7 +206,7 @@ def ablation_table(runs_dir):
         result = read(runs_dir / f"{setting}_seed0" / "heldout.json")
         generation = read(runs_dir / f"{setting}_seed0" / "generation.json")
         if not result:
-            lines.append(f"| {label} | not run yet | | | |")
+            lines.append(f"| {label} | {pending(runs_dir, f'{setting}_seed0')} | | | |")
             continue
         dist = [f"{generation[k]:.2f}" if generation else "" for k in ("dist1", "dist2")]
         lines.append(f"| {label} | {result['nll']:.3f} | {dist[0]} | {dist[1]} | {result['usage']} |")
@@ -210,7 +219,8 @@ def num_prompts_table(runs_dir):
     lines = ["| K, seed 0 | held-out NLL | prompt usage |", "| ---: | ---: | --- |"]
     for setting, k in NUM_PROMPTS:
         result = read(runs_dir / f"{setting}_seed0" / "heldout.json")
-        lines.append(f"| {k} | {result['nll']:.3f} | {result['usage']} |" if result else f"| {k} | not run yet | |")
+        lines.append(f"| {k} | {result['nll']:.3f} | {result['usage']} |" if result
+                     else f"| {k} | {pending(runs_dir, f'{setting}_seed0')} | |")
     return "\n".join(lines) + "\n"
 
 
