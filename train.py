@@ -247,6 +247,12 @@ def prompted_nll(llm, soft_prompts, batch):
     return losses.soft_prompt_losses(logprobs, batch.target_mask)[:, 0]
 
 
+def no_prompt_nll(llm, batches):
+    """Per example: mean target NLL of the frozen LLM with no soft prompt, the floor every prompt should beat."""
+    nobody = torch.zeros(1, 0, llm.embed_dim)
+    return [x for batch in batches for x in prompted_nll(llm, nobody.expand(len(batch.examples), 0, -1), batch).tolist()]
+
+
 @torch.no_grad()
 def heldout_nll(llm, spt, eval_batches):
     """Per held-out example: mean target NLL with the prompt the retriever picks (Eq. 7), and that prompt."""

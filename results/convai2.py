@@ -17,7 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,8 +37,6 @@ GENERATION = [("F1", "f1"), ("BLEU", "bleu"), ("ROUGE-1", "rouge1"), ("ROUGE-2",
 
 def test_batches(config, tok, batch_size=8):
     """The checkpoint's held-out examples, encoded as it was trained, in batches of similar length (less padding)."""
-    if not Path(config["data"]).is_file() and config["data"] not in ("demo", "routing"):
-        sys.exit(f"error: {config['data']} (the run's --data) is absent: put the ConvAI2 validation file there")
     held_out = data.split_by_dialogue(data.load_examples(config["data"]), config["holdout"], shuffle=False)[1]
     encoded = sorted((data.encode_example(ex, tok, config["max_len"]) for ex in held_out), key=lambda e: len(e.prompt_ids) + len(e.target_ids))
     return list(data.batches(encoded, batch_size, tok.pad_id, shuffle=False))
@@ -62,14 +59,11 @@ def heldout(runs):
         print(f"{run}: held-out NLL {result['nll']:.4f} on {len(nll)} examples (step {result['step']}), usage {result['usage']}")
 
 
-@torch.no_grad()
 def baseline(run):
     """The frozen LLM with no soft prompt on run's test part: the floor every prompt should beat."""
     config = train.load_checkpoint(run)[1]
     llm, tok = load_llm(config["model"], device="cpu")
-    nobody = torch.zeros(1, 0, llm.embed_dim)
-    nll = [x for batch in test_batches(config, tok)
-           for x in train.prompted_nll(llm, nobody.expand(len(batch.examples), 0, -1), batch).tolist()]
+    nll = train.no_prompt_nll(llm, test_batches(config, tok))
     out = Path(run).parent / "no_prompt.json"
     out.write_text(json.dumps({"examples": len(nll), "nll": sum(nll) / len(nll)}, indent=1) + "\n")
     print(f"frozen LLM, no prompt: held-out NLL {sum(nll) / len(nll):.4f} on {len(nll)} examples -> {out}")
@@ -253,4 +247,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    train.run_cli(main)

@@ -86,8 +86,7 @@ def report(runs_dir):
     batches = list(data.batches(encoded, 8, tok.pad_id, shuffle=False))
     rows = []
 
-    nobody = torch.zeros(1, 0, llm.embed_dim)  # the frozen LLM with no prompt at all
-    nll = [x for batch in batches for x in train.prompted_nll(llm, nobody.expand(len(batch.examples), 0, -1), batch).tolist()]
+    nll = train.no_prompt_nll(llm, batches)
     rows.append({"run": "none", "label": "no prompt (frozen LLM)", "nll": sum(nll) / len(nll)})
 
     for name, label in RUNS:
