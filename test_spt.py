@@ -2372,6 +2372,19 @@ def test_routing_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert not list((tmp_path / "routing").glob("*/train_state.pt"))
 
 
+def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
+    """A run still training logs steps past its last checkpoint; the table says where --resume would continue."""
+    spec = importlib.util.spec_from_file_location("convai2_report", ROOT / "results" / "convai2.py")
+    convai2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convai2)
+    run = tmp_path / "spt_paper_seed0"
+    assert convai2.pending(tmp_path, run.name) == "not run yet"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"step": 25, "args": {"max_steps": 300}}))
+    (run / "log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (10, 20, 30)))
+    assert convai2.pending(tmp_path, run.name) == "cut at step 25 of 300"
+
+
 @pytest.mark.slow
 def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path):
     """results/pt_vs_spt.sh (and what ablations.sh / num_prompts.sh share) on the tiny model and the demo set: a run cut

@@ -100,12 +100,12 @@ def seeds_of(runs_dir, setting):
 
 
 def pending(runs_dir, run):
-    """What a table says for a run without scores: 'not run yet', or how far a cut run got."""
-    log, config = runs_dir / run / "log.jsonl", read(runs_dir / run / "config.json")
-    if not log.is_file() or config is None:
+    """What a table says for a run without scores: 'not run yet', or the step its last checkpoint holds (where
+    --resume continues; a run still training logs steps past it)."""
+    config = read(runs_dir / run / "config.json")
+    if config is None:
         return "not run yet"
-    lines = log.read_text().splitlines()
-    return f"cut at step {json.loads(lines[-1])['step'] if lines else 0} of {config['args']['max_steps']}"
+    return f"cut at step {config['step']} of {config['args']['max_steps']}"
 
 
 def mean_std(values):
