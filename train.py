@@ -249,8 +249,8 @@ def prompted_nll(llm, soft_prompts, batch):
 
 def no_prompt_nll(llm, batches):
     """Per example: mean target NLL of the frozen LLM with no soft prompt, the floor every prompt should beat."""
-    nobody = torch.zeros(1, 0, llm.embed_dim)
-    return [x for batch in batches for x in prompted_nll(llm, nobody.expand(len(batch.examples), 0, -1), batch).tolist()]
+    return [x for batch in batches
+            for x in prompted_nll(llm, torch.zeros(len(batch.examples), 0, llm.embed_dim, device=batch.input_ids.device), batch).tolist()]
 
 
 @torch.no_grad()
