@@ -2384,6 +2384,15 @@ def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
     assert convai2.pending(tmp_path, run.name) == "cut at step 25 of 300"
 
 
+def test_convai2_usage_by_turn_table_gives_each_turns_share_and_count():
+    """A turn with 2 contexts reads 1.00 as readily as one with 100; the count column tells them apart."""
+    sys.path.insert(0, str(ROOT / "results"))
+    import convai2
+    rows = convai2.usage_by_turn_table({1: [1, 0, 3], 9: [0, 0, 2]}).splitlines()
+    assert rows == ["| turn | contexts | sp0 | sp1 | sp2 |", "| ---: | ---: | ---: | ---: | ---: |",
+                    "| 1 | 4 | 0.25 | 0.00 | 0.75 |", "| 9 | 2 | 0.00 | 0.00 | 1.00 |"]
+
+
 @pytest.mark.slow
 def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path):
     """results/pt_vs_spt.sh (and what ablations.sh / num_prompts.sh share) on the tiny model and the demo set: a run cut

@@ -187,9 +187,9 @@ def curve_table(runs_dir, settings):
 
 def usage_by_turn_table(table):
     k = len(next(iter(table.values())))
-    lines = ["| turn | " + " | ".join(f"sp{i}" for i in range(k)) + " |", "| ---: |" + " ---: |" * k]
+    lines = ["| turn | contexts | " + " | ".join(f"sp{i}" for i in range(k)) + " |", "| ---: | ---: |" + " ---: |" * k]
     for turn, counts in table.items():
-        lines.append(f"| {turn} | " + " | ".join(f"{c / sum(counts):.2f}" for c in counts) + " |")
+        lines.append(f"| {turn} | {sum(counts)} | " + " | ".join(f"{c / sum(counts):.2f}" for c in counts) + " |")
     return "\n".join(lines)
 
 
