@@ -32,8 +32,11 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "results"))  # the scripts behind README's numbers: convai2.py, fill_readme.py
 import bench  # noqa: E402
+import convai2  # noqa: E402
 import data  # noqa: E402
+import fill_readme  # noqa: E402
 import generate  # noqa: E402
 import llm_loader  # noqa: E402
 import losses  # noqa: E402
@@ -2339,8 +2342,6 @@ def test_cli_plot_without_matplotlib(tmp_path, capsys):
 # ============================================================================= results/: scripts behind README's numbers
 
 def test_fill_readme_replaces_blocks_from_files(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "results"))
-    import fill_readme
     monkeypatch.setattr(fill_readme, "ROOT", tmp_path)
     (tmp_path / "t.md").write_text("| a | 1 |\n")
     text = "intro\n<!-- BEGIN t.md -->\nold numbers\n<!-- END t.md -->\nafter\n"
@@ -2374,8 +2375,6 @@ def test_routing_script_runs_end_to_end_on_the_tiny_model(tmp_path):
 
 def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
     """A run still training logs steps past its last checkpoint; the table says where --resume would continue."""
-    sys.path.insert(0, str(ROOT / "results"))
-    import convai2
     run = tmp_path / "spt_paper_seed0"
     assert convai2.pending(tmp_path, run.name) == "not run yet"
     run.mkdir()
@@ -2386,8 +2385,6 @@ def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
 
 def test_convai2_usage_by_turn_table_gives_each_turns_share_and_count():
     """A turn with 2 contexts reads 1.00 as readily as one with 100; the count column tells them apart."""
-    sys.path.insert(0, str(ROOT / "results"))
-    import convai2
     rows = convai2.usage_by_turn_table({1: [1, 0, 3], 9: [0, 0, 2]}).splitlines()
     assert rows == ["| turn | contexts | sp0 | sp1 | sp2 |", "| ---: | ---: | ---: | ---: | ---: |",
                     "| 1 | 4 | 0.25 | 0.00 | 0.75 |", "| 9 | 2 | 0.00 | 0.00 | 1.00 |"]
