@@ -189,7 +189,8 @@ def usage_by_turn_table(table):
     k = len(next(iter(table.values())))
     lines = ["| turn | contexts | " + " | ".join(f"sp{i}" for i in range(k)) + " |", "| ---: | ---: |" + " ---: |" * k]
     for turn, counts in table.items():
-        lines.append(f"| {turn} | {sum(counts)} | " + " | ".join(f"{c / sum(counts):.2f}" for c in counts) + " |")
+        total = sum(counts)
+        lines.append(f"| {turn} | {total} | " + " | ".join(f"{c / total:.2f}" for c in counts) + " |")
     return "\n".join(lines)
 
 
