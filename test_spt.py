@@ -2383,11 +2383,11 @@ def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
     assert convai2.pending(tmp_path, run.name) == "cut at step 25 of 300"
 
 
-def test_convai2_usage_by_turn_table_gives_each_turns_share_and_count():
+def test_convai2_usage_by_turn_table_gives_each_turns_share_and_count_per_seed():
     """A turn with 2 contexts reads 1.00 as readily as one with 100; the count column tells them apart."""
-    rows = convai2.usage_by_turn_table({1: [1, 0, 3], 9: [0, 0, 2]}).splitlines()
-    assert rows == ["| turn | contexts | sp0 | sp1 | sp2 |", "| ---: | ---: | ---: | ---: | ---: |",
-                    "| 1 | 4 | 0.25 | 0.00 | 0.75 |", "| 9 | 2 | 0.00 | 0.00 | 1.00 |"]
+    rows = convai2.usage_by_turn_table({0: {1: [1, 0, 3], 9: [0, 0, 2]}, 2: {1: [0, 4, 0], 9: [1, 1, 0]}}).splitlines()
+    assert rows == ["| turn | contexts | seed 0 | seed 2 |", "| ---: | ---: | --- | --- |",
+                    "| 1 | 4 | 0.25 0.00 0.75 | 0.00 1.00 0.00 |", "| 9 | 2 | 0.00 0.00 1.00 | 0.50 0.50 0.00 |"]
 
 
 @pytest.mark.slow

@@ -136,7 +136,7 @@ def eval_curve(folder):
 
 
 def main_table(runs_dir):
-    lines = ["| setting | seeds | held-out NLL (mean ± std over seeds) | per seed | prompt usage, seed 0 |",
+    lines = ["| setting | seeds | held-out NLL (mean ± std over seeds) | per seed | prompt usage per seed |",
              "| --- | ---: | ---: | --- | --- |"]
     baseline_result = read(runs_dir / "no_prompt.json")
     if baseline_result:
@@ -148,17 +148,19 @@ def main_table(runs_dir):
             continue
         values = [r["nll"] for r in found.values()]
         per_seed = ", ".join(f"{r['nll']:.3f} ({seed})" for seed, r in found.items())
-        usage = found[0]["usage"] if 0 in found and setting.startswith("spt") else ""
+        usage = ", ".join(f"{r['usage']} ({seed})" for seed, r in found.items()) if setting.startswith("spt") else ""
         lines.append(f"| {label} | {len(found)} | {mean_std(values)} | {per_seed} | {usage} |")
     lines += ["", f"Held-out NLL: mean over the test examples of the per-token NLL of the reference response, each "
                   f"with the prompt Eq. 7 picks. {steps_note(runs_dir, MAIN)}. Per seed: value (seed)."]
     lines += ["", generation_table(runs_dir, [(f"{s}_seed0", label) for s, label in MAIN])]
     lines += ["", curve_table(runs_dir, MAIN)]
     for setting, label in MAIN[2:]:
-        result = read(runs_dir / f"{setting}_seed0" / "heldout.json")
-        if result:
-            lines += ["", f"Prompt usage by turn, {label}, seed 0 (Eq. 7 on the {result['examples']} test contexts; "
-                          f"columns are prompts):", "", usage_by_turn_table(result["usage_by_turn"])]
+        found = seeds_of(runs_dir, setting)
+        if found:
+            examples = next(iter(found.values()))["examples"]
+            lines += ["", f"Prompt usage by turn, {label} (Eq. 7 on the {examples} test contexts; each cell is the share "
+                          f"of the turn's contexts sent to prompts 0, 1, ...):", "",
+                      usage_by_turn_table({seed: r["usage_by_turn"] for seed, r in found.items()})]
     return "\n".join(lines) + "\n"
 
 
@@ -173,24 +175,27 @@ def generation_table(runs_dir, runs):
 
 
 def curve_table(runs_dir, settings):
-    """Held-out NLL on the first test examples at each --eval-every step of the seed-0 runs: has it flattened?"""
-    curves = {label: dict(eval_curve(runs_dir / f"{setting}_seed0")) for setting, label in settings}
+    """Held-out NLL on the first test examples at each --eval-every step of every finished run: has it flattened?"""
+    curves = {f"{label}, seed {seed}": dict(eval_curve(runs_dir / f"{setting}_seed{seed}"))
+              for setting, label in settings for seed in seeds_of(runs_dir, setting)}
     steps = sorted({step for curve in curves.values() for step in curve})
     if not steps:
         return "(no evaluation during training logged yet)"
-    lines = ["| held-out NLL on the first 200 test examples during training, seed 0, at step | " + " | ".join(map(str, steps)) + " |",
+    lines = ["| held-out NLL on the first 200 test examples during training, at step | " + " | ".join(map(str, steps)) + " |",
              "| --- |" + " ---: |" * len(steps)]
     for label, curve in curves.items():
         lines.append(f"| {label} | " + " | ".join(f"{curve[s]:.3f}" if s in curve else "" for s in steps) + " |")
     return "\n".join(lines)
 
 
-def usage_by_turn_table(table):
-    k = len(next(iter(table.values())))
-    lines = ["| turn | contexts | " + " | ".join(f"sp{i}" for i in range(k)) + " |", "| ---: | ---: |" + " ---: |" * k]
-    for turn, counts in table.items():
-        total = sum(counts)
-        lines.append(f"| {turn} | {total} | " + " | ".join(f"{c / total:.2f}" for c in counts) + " |")
+def usage_by_turn_table(by_seed):
+    """{seed: {turn: [contexts sent to each prompt]}} -> one row per turn, one column of prompt shares per seed."""
+    turns = next(iter(by_seed.values()))
+    lines = ["| turn | contexts | " + " | ".join(f"seed {seed}" for seed in by_seed) + " |",
+             "| ---: | ---: |" + " --- |" * len(by_seed)]
+    for turn, counts in turns.items():
+        shares = [" ".join(f"{c / sum(table[turn]):.2f}" for c in table[turn]) for table in by_seed.values()]
+        lines.append(f"| {turn} | {sum(counts)} | " + " | ".join(shares) + " |")
     return "\n".join(lines)
 
 
