@@ -141,8 +141,9 @@ def main_table(runs_dir):
     baseline_result = read(runs_dir / "no_prompt.json")
     if baseline_result:
         lines.append(f"| frozen LLM, no prompt | | {baseline_result['nll']:.3f} | | |")
+    scored = {setting: seeds_of(runs_dir, setting) for setting, _ in MAIN}
     for setting, label in MAIN:
-        found = seeds_of(runs_dir, setting)
+        found = scored[setting]
         if not found:
             lines.append(f"| {label} | 0 | {pending(runs_dir, f'{setting}_seed0')} | | |")
             continue
@@ -153,9 +154,10 @@ def main_table(runs_dir):
     lines += ["", f"Held-out NLL: mean over the test examples of the per-token NLL of the reference response, each "
                   f"with the prompt Eq. 7 picks. {steps_note(runs_dir, MAIN)}. Per seed: value (seed)."]
     lines += ["", generation_table(runs_dir, [(f"{s}_seed0", label) for s, label in MAIN])]
-    lines += ["", curve_table(runs_dir, MAIN)]
+    runs = [(f"{setting}_seed{seed}", f"{label}, seed {seed}") for setting, label in MAIN for seed in scored[setting]]
+    lines += ["", curve_table(runs_dir, runs)]
     for setting, label in MAIN[2:]:
-        found = seeds_of(runs_dir, setting)
+        found = scored[setting]
         if found:
             examples = next(iter(found.values()))["examples"]
             lines += ["", f"Prompt usage by turn, {label} (Eq. 7 on the {examples} test contexts; each cell is the share "
@@ -174,10 +176,9 @@ def generation_table(runs_dir, runs):
     return "\n".join(lines)
 
 
-def curve_table(runs_dir, settings):
-    """Held-out NLL on the first test examples at each --eval-every step of every finished run: has it flattened?"""
-    curves = {f"{label}, seed {seed}": dict(eval_curve(runs_dir / f"{setting}_seed{seed}"))
-              for setting, label in settings for seed in seeds_of(runs_dir, setting)}
+def curve_table(runs_dir, runs):
+    """Held-out NLL on the first test examples at each --eval-every step of each (run, label): has it flattened?"""
+    curves = {label: dict(eval_curve(runs_dir / run)) for run, label in runs}
     steps = sorted({step for curve in curves.values() for step in curve})
     if not steps:
         return "(no evaluation during training logged yet)"
