@@ -1537,8 +1537,11 @@ def test_distributed_training_equals_single_process(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = load_file(tmp_path / "one" / "spt.safetensors"), load_file(tmp_path / "two" / "spt.safetensors")
     assert (one["soft_prompts"] - initial.soft_prompts).abs().max() > 1e-3  # trained at all
+    # DDP averages gradients in another summation order; Adam divides by sqrt(v), so an element whose gradient is
+    # rounding-sized can move by up to lr per step either way (seen: 3 of 4096 lin_context weights off by 1.8e-5 on one
+    # CPU, none on another). A real error moves many elements by about lr (0.01), so 1e-4 still catches it.
     for name in one:
-        assert (one[name] - two[name]).abs().max().item() < 1e-5, name
+        assert (one[name] - two[name]).abs().max().item() < 1e-4, name
     assert [r["loss"] for r in read_log(tmp_path / "one" / "log.jsonl")] == pytest.approx(
         [r["loss"] for r in read_log(tmp_path / "two" / "log.jsonl")], abs=1e-5)
 
