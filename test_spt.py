@@ -2393,6 +2393,18 @@ def test_convai2_usage_by_turn_table_gives_each_turns_share_and_count_per_seed()
                     "| 1 | 4 | 0.25 0.00 0.75 | 0.00 1.00 0.00 |", "| 9 | 2 | 0.00 0.00 1.00 | 0.50 0.50 0.00 |"]
 
 
+def test_convai2_ablation_table_has_the_papers_metrics_and_counts_prompts_used(tmp_path):
+    """Table 2's row: NLL, F1, BLEU, ROUGE-L, DIST-1/2 to 2 decimals, and prompts given any context (a 1 counts)."""
+    run = tmp_path / "spt_no_con_seed0"
+    run.mkdir()
+    (run / "heldout.json").write_text(json.dumps({"nll": 3.14159, "usage": [0, 1, 0, 7]}))
+    (run / "generation.json").write_text(json.dumps({"f1": 13.456, "bleu": 1.2, "rougeL": 9.999, "dist1": 8, "dist2": 30.125}))
+    rows = convai2.ablation_table(tmp_path).splitlines()
+    assert rows[0].count("|") == rows[1].count("|") == rows[2].count("|") == rows[3].count("|") == 10
+    assert rows[3] == "| w/o contrastive (lambda-con 0) | 3.142 | 13.46 | 1.20 | 10.00 | 8.00 | 30.12 | 2 of 4 | [0, 1, 0, 7] |"
+    assert rows[2] == "| SPT (Eq. 6, --recipe paper) | not run yet | | | | | | | |"
+
+
 @pytest.mark.slow
 def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path):
     """results/pt_vs_spt.sh (and what ablations.sh / num_prompts.sh share) on the tiny model and the demo set: a run cut

@@ -201,26 +201,36 @@ def usage_by_turn_table(by_seed):
 
 
 def ablation_table(runs_dir):
-    lines = ["| variant, seed 0 | held-out NLL | DIST-1 | DIST-2 | prompt usage |", "| --- | ---: | ---: | ---: | --- |"]
+    """Table 2: held-out NLL, the paper's Table 2 metrics we compute (it also has BERTScore; DIST-1 and DIST-2 in
+    place of their average), and how many of the K prompts Eq. 7 gives any test context."""
+    metrics_cols = [("F1", "f1"), ("BLEU", "bleu"), ("ROUGE-L", "rougeL"), ("DIST-1", "dist1"), ("DIST-2", "dist2")]
+    lines = ["| variant, seed 0 | held-out NLL | " + " | ".join(name for name, _ in metrics_cols) + " | prompts used | prompt usage |",
+             "| --- | ---: |" + " ---: |" * len(metrics_cols) + " ---: | --- |"]
     for setting, label in ABLATIONS:
         result = read(runs_dir / f"{setting}_seed0" / "heldout.json")
         generation = read(runs_dir / f"{setting}_seed0" / "generation.json")
         if not result:
-            lines.append(f"| {label} | {pending(runs_dir, f'{setting}_seed0')} | | | |")
+            lines.append(f"| {label} | {pending(runs_dir, f'{setting}_seed0')} |" + " |" * (len(metrics_cols) + 2))
             continue
-        dist = [f"{generation[k]:.2f}" if generation else "" for k in ("dist1", "dist2")]
-        lines.append(f"| {label} | {result['nll']:.3f} | {dist[0]} | {dist[1]} | {result['usage']} |")
+        cells = [f"{generation[key]:.2f}" if generation else "" for _, key in metrics_cols]
+        lines.append(f"| {label} | {result['nll']:.3f} | " + " | ".join(cells) +
+                     f" | {prompts_used(result['usage'])} of {len(result['usage'])} | {result['usage']} |")
     return "\n".join(lines) + "\n"
+
+
+def prompts_used(usage):
+    """How many prompts Eq. 7 sends at least one test context to: comparable across seeds, unlike which ones."""
+    return sum(count > 0 for count in usage)
 
 
 def num_prompts_table(runs_dir):
     """Table 3. K = 1 is the PT L = 1 run: with one prompt Eq. 3's KL is 0, Eq. 5 equals Eq. 2, and Eq. 4 moves
     only the retriever, so the prompt's gradient is 2x PT's, which Adam's update does not see (up to its eps)."""
-    lines = ["| K, seed 0 | held-out NLL | prompt usage |", "| ---: | ---: | --- |"]
+    lines = ["| K, seed 0 | held-out NLL | prompts used | prompt usage |", "| ---: | ---: | ---: | --- |"]
     for setting, k in NUM_PROMPTS:
         result = read(runs_dir / f"{setting}_seed0" / "heldout.json")
-        lines.append(f"| {k} | {result['nll']:.3f} | {result['usage']} |" if result
-                     else f"| {k} | {pending(runs_dir, f'{setting}_seed0')} | |")
+        lines.append(f"| {k} | {result['nll']:.3f} | {prompts_used(result['usage'])} | {result['usage']} |" if result
+                     else f"| {k} | {pending(runs_dir, f'{setting}_seed0')} | | |")
     return "\n".join(lines) + "\n"
 
 
