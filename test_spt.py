@@ -2427,7 +2427,9 @@ def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path
     table = (out / "pt_vs_spt.md").read_text()
     assert "| PT, L = 4 | 0 | not run yet |" in table and "| SPT K = 4, L = 1, --recipe paper | 2 |" in table
     assert " ± " in table and "Prompt usage by turn" in table
-    assert "| 1 |" in (out / "num_prompts.md").read_text()
+    num_prompts = (out / "num_prompts.md").read_text()
+    assert "| 1 |" in num_prompts and "| 8 | not run yet |" in num_prompts
+    assert re.search(r"^\| K = 4 \| \d\.\d{3} \| \d\.\d{3} \|$", num_prompts, re.MULTILINE)  # its curve, steps 1 and 2
     again = subprocess.run(["bash", "results/pt_vs_spt.sh"], cwd=ROOT, env={**env, "STEPS": "3", "SEEDS": "0"},
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and "pt_L1_seed0 finished at 2 steps, not STEPS=3" in again.stderr

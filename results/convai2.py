@@ -29,7 +29,7 @@ MAIN = [("pt_L1", "PT, L = 1"), ("pt_L4", "PT, L = 4"), ("spt_paper", "SPT K = 4
         ("spt_authors", "SPT K = 4, L = 1, --recipe authors")]
 ABLATIONS = [("spt_paper", "SPT (Eq. 6, --recipe paper)"), ("spt_no_con", "w/o contrastive (lambda-con 0)"),
              ("spt_no_sel", "w/o selection (lambda-sel 0)"), ("spt_no_fusion", "w/o fusion (lambda-fusion 0)")]
-NUM_PROMPTS = [("pt_L1", 1), ("spt_K2", 2), ("spt_paper", 4), ("spt_K8", 8)]  # K = 1 is PT L = 1: see num_prompts()
+NUM_PROMPTS = [("pt_L1", 1), ("spt_K2", 2), ("spt_paper", 4), ("spt_K8", 8)]  # K = 1 is PT L = 1: see num_prompts_table()
 GENERATION = [("F1", "f1"), ("BLEU", "bleu"), ("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"), ("ROUGE-L", "rougeL"),
               ("DIST-1", "dist1"), ("DIST-2", "dist2"), ("persona BLEU", "persona_bleu")]
 # Table 2's metrics: those of the paper's Table 2 we compute (it also has BERTScore; DIST-1 and DIST-2 in place of
@@ -225,13 +225,15 @@ def prompts_used(usage):
 
 
 def num_prompts_table(runs_dir):
-    """Table 3. K = 1 is the PT L = 1 run: with one prompt Eq. 3's KL is 0, Eq. 5 equals Eq. 2, and Eq. 4 moves
-    only the retriever, so the prompt's gradient is 2x PT's, which Adam's update does not see (up to its eps)."""
+    """Table 3, then its runs' held-out NLL during training. K = 1 is the PT L = 1 run: with one prompt Eq. 3's KL
+    is 0, Eq. 5 equals Eq. 2, and Eq. 4 moves only the retriever, so the prompt's gradient is 2x PT's, which Adam's
+    update does not see (up to its eps)."""
     lines = ["| K, seed 0 | held-out NLL | prompts used | prompt usage |", "| ---: | ---: | ---: | --- |"]
     for setting, k in NUM_PROMPTS:
         result = read(runs_dir / f"{setting}_seed0" / "heldout.json")
         lines.append(f"| {k} | {result['nll']:.3f} | {prompts_used(result['usage'])} | {result['usage']} |" if result
                      else f"| {k} | {pending(runs_dir, f'{setting}_seed0')} | | |")
+    lines += ["", curve_table(runs_dir, [(f"{setting}_seed0", f"K = {k}") for setting, k in NUM_PROMPTS])]
     return "\n".join(lines) + "\n"
 
 
