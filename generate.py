@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 import data
 import metrics
-from llm_loader import load_llm
-from train import length_groups, load_checkpoint, resolve_device, resolve_dtype, run_cli
+from train import dtype_name, length_groups, load_checkpoint, load_frozen_llm, resolve_device, run_cli
 
 STOP_MARKERS = (" Q:", " R:", "\n")  # the next speaker of the template, or a line break, ends a response
 CHAT_DECODING = {"top_p": 0.9, "temperature": 0.7, "no_repeat_ngram_size": 3}  # --chat's defaults (README: why these)
@@ -277,7 +276,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds sampling and selection noise")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="LLM weights ('auto': float32 on CPU, bfloat16 on CUDA)")
+                   help="the LLM's weights and autocast; 'auto' measures on CPU which of bfloat16 and float32 runs matmuls of "
+                        "this decoding's rows (--batch-size contexts; one for --chat) faster, and takes bfloat16 on CUDA "
+                        "(float16 on GPUs without native bfloat16)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     args = p.parse_args(argv)
     if args.chat:  # sampling that does not loop; greedy stays the evaluation default; flags given still win
@@ -305,7 +306,9 @@ def main(argv=None):
         raise ValueError("--repetition-penalty must be above 0 (1: off) and --no-repeat-ngram-size at least 0 (0: off)")
     device = resolve_device(args.device)
     spt, config = load_checkpoint(args.ckpt, device=device)
-    llm, tok = load_llm(args.model or config["model"], device=device, dtype=resolve_dtype(args.dtype, device))
+    model = args.model or config["model"]
+    llm, tok, dtype, why = load_frozen_llm(model, device, args.dtype, rows=1 if args.chat else args.batch_size)
+    print(f"model {model} on {device} in {dtype_name(dtype)} ({why})", flush=True)
     if llm.embed_dim != spt.embed_dim:
         raise ValueError(f"checkpoint {args.ckpt} was trained on {config['model']} (embedding width {spt.embed_dim}), "
                          f"but {args.model} has width {llm.embed_dim}: drop --model or pass a model of the same family and size")

@@ -143,7 +143,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = x.float()  # the mean of squares in float32: in bf16 it loses the small components
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -244,6 +244,18 @@ class LlamaModel(nn.Module):
 
 # ----------------------------------------------------------------------------- OPT
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed in float32 and returned in the input's dtype, as RMSNorm does.
+
+    Autocast would decide otherwise by device (float32 out on CUDA, bf16 on CPU), and OPT's post-LN
+    blocks feed that output into the residual stream: done here, the stream keeps the weights' dtype
+    on every device, in training and in decoding alike.
+    """
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
 class OPTAttention(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -265,10 +277,10 @@ class OPTBlock(nn.Module):
         super().__init__()
         self.pre_ln = c.do_layer_norm_before
         self.self_attn = OPTAttention(c)
-        self.self_attn_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.self_attn_layer_norm = LayerNorm(c.hidden_size, eps=c.norm_eps)
         self.fc1 = Linear(c.hidden_size, c.intermediate_size)
         self.fc2 = Linear(c.intermediate_size, c.hidden_size)
-        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.final_layer_norm = LayerNorm(c.hidden_size, eps=c.norm_eps)
 
     def forward(self, x, mask, layer, kv_cache):
         if self.pre_ln:
@@ -287,7 +299,7 @@ class OPTDecoder(nn.Module):
         self.project_in = Linear(c.word_embed_proj_dim, c.hidden_size, bias=False) if projected else None
         self.project_out = Linear(c.hidden_size, c.word_embed_proj_dim, bias=False) if projected else None
         self.layers = nn.ModuleList(OPTBlock(c) for _ in range(c.num_layers))
-        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps) if c.do_layer_norm_before else None
+        self.final_layer_norm = LayerNorm(c.hidden_size, eps=c.norm_eps) if c.do_layer_norm_before else None
 
     def forward(self, x, mask, positions, kv_cache, grad_checkpoint):
         """x (B, T, E) embeddings -> (B, T, E) final hidden states."""
@@ -359,6 +371,11 @@ class LLM(nn.Module):
         """Width E of token embeddings, i.e. of `inputs_embeds` and of soft prompts."""
         return self.config.word_embed_proj_dim
 
+    @property
+    def dtype(self):
+        """The frozen weights' dtype: float32, or the bfloat16 / float16 that the blocks autocast to."""
+        return self.lm_head.weight.dtype
+
     def embed(self, input_ids):
         """(B, T) token ids -> (B, T, E) token embeddings."""
         return self.model.embed_tokens(input_ids)
@@ -367,10 +384,13 @@ class LLM(nn.Module):
         return KVCache(self.config.num_layers, initial_capacity)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, kv_cache=None, return_hidden=False):
-        """Logits (B, T, V) in float32, or final hidden states (B, T, E) when return_hidden.
+        """Logits (B, T, V) in float32, or final hidden states (B, T, E) in the weights' dtype when return_hidden.
 
         attention_mask (B, T_past + T): 1 for real tokens, 0 for padding (either side); positions
         count real tokens only, so left padding gives the same result as no padding.
+        Mixed precision: with bfloat16 or float16 weights the blocks run under torch.autocast to that
+        dtype on the input's device (CPU and CUDA alike), here, so that training, evaluation and
+        decoding all compute the same way; float32 inputs such as soft prompts are cast by it.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -384,5 +404,6 @@ class LLM(nn.Module):
         attention_mask = attention_mask.long()
         positions = (attention_mask.cumsum(1) * attention_mask - 1)[:, past:]  # (B, T), -1 at padding
         mask = attention_mask_4d(attention_mask, T)
-        hidden = self.model(x, mask, positions, kv_cache, self.grad_checkpoint)
+        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            hidden = self.model(x.to(self.dtype), mask, positions, kv_cache, self.grad_checkpoint)
         return hidden if return_hidden else self.lm_head(hidden).float()

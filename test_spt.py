@@ -1279,7 +1279,7 @@ def test_prompted_inputs_layout():
 
 # ============================================================================= train.py and generate.py
 
-TINY = ["--model", "tiny", "--data", "demo", "--log-every", "1000"]
+TINY = ["--model", "tiny", "--data", "demo", "--log-every", "1000", "--dtype", "float32"]  # auto would probe
 
 
 def read_log(path):
@@ -1392,6 +1392,151 @@ def test_checkpoint_restores_cuda_rng_of_every_device_and_grad_scaler(tmp_path, 
     step = train.resume(tmp_path, SPT(4, 1, 64), torch.optim.Adam(spt.parameters()), fresh, config, rank=0)
     assert step == 5 and fresh.get_scale() == 1024.0 and fresh.get_growth_interval() == 7
     assert [t.tolist() for t in restored] == [[1, 2], [3, 4]]
+
+
+# ----------------------------------------------------------------------------- mixed precision (one autocast path, CPU and CUDA)
+
+@pytest.mark.parametrize("bf16, fp32, expected", [(800.0, 200.0, torch.bfloat16), (240.0, 200.0, torch.float32),
+                                                   (3.0, 200.0, torch.float32)])
+def test_auto_dtype_on_cpu_measures_and_says_why(monkeypatch, bf16, fp32, expected):
+    rates = {torch.bfloat16: bf16, torch.float32: fp32}
+    seen = []
+    monkeypatch.setattr(train, "cpu_matmul_gflops", lambda config, rows, dtype: seen.append(rows) or rates[dtype])
+    config = load_llm("tiny")[0].config
+    dtype, why = train.resolve_dtype("auto", torch.device("cpu"), config, rows=8)
+    assert dtype == expected and seen == [8, 8]
+    assert why == f"auto: 8-row matmuls ran {bf16:.3g} GFLOP/s in bfloat16, {fp32:.3g} in float32"
+    assert train.resolve_dtype("float32", torch.device("cpu"), config) == (torch.float32, "as asked by --dtype")
+
+
+def test_cpu_matmul_probe_leaves_the_seeded_stream_alone_and_stays_small():
+    config = ModelConfig("llama", 49152, 576, 30, 9, 1536, 3)  # SmolLM2's shapes
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    rates = [train.cpu_matmul_gflops(config, 4, dtype, seconds=0) for dtype in (torch.bfloat16, torch.float32)]
+    assert all(rate > 0 for rate in rates)
+    assert torch.equal(torch.rand(3), expected)
+    assert train.probe_rows(config, 256) == 256 and train.probe_rows(ModelConfig("llama", 32000, 4096, 32, 32, 11008), 256) == 5
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_on_cuda_takes_fp16_where_bf16_is_only_emulated(monkeypatch, native, expected):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: calls.append(including_emulation) or (native or including_emulation))
+    dtype, why = train.resolve_dtype("auto", torch.device("cuda"))
+    assert dtype == expected and calls == [False]
+    assert ("GradScaler" in why) == (not native)
+
+
+def test_a_resumed_auto_run_keeps_its_dtype_and_records_it(tmp_path, monkeypatch):
+    flags = [flag for flag in TINY if flag not in ("--dtype", "float32")] + ["--max-len", "64", "--out", str(tmp_path)]
+    monkeypatch.setattr(train, "cpu_matmul_gflops", lambda config, rows, dtype: 800.0 if dtype == torch.bfloat16 else 200.0)
+    train.train(train.parse_args(flags + ["--max-steps", "1"]))
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    monkeypatch.setattr(train, "cpu_matmul_gflops", lambda config, rows, dtype: 1.0 if dtype == torch.bfloat16 else 200.0)
+    train.train(train.parse_args(flags + ["--max-steps", "2", "--resume"]))  # the probe now says float32
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="has dtype='bfloat16' but this run asks for 'float32'"):
+        train.train(train.parse_args(flags + ["--max-steps", "3", "--resume", "--dtype", "float32"]))
+
+
+def autocast_spy(llm):
+    """Record, for each decoder block call, whether autocast was on and in which dtype the block's output came."""
+    seen = []
+    for block in llm.model.layers if llm.config.arch == "llama" else llm.model.decoder.layers:
+        block.register_forward_hook(lambda module, args, out: seen.append(
+            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype)))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_step_autocasts_the_llm_and_keeps_retriever_and_losses_float32(dtype):
+    """The LLM's blocks run under autocast to its weights' dtype; the scores (Eq. 1), the per-prompt
+    log-probabilities and every loss term stay float32, and the authors' fused log-probabilities are
+    computed in float32 from the LM head's logits (not rounded to bf16 before the logsumexp)."""
+    llm, tok, encoded, batch = tiny_batch(4)
+    llm.to(dtype)
+    seen = autocast_spy(llm)
+    args = train.parse_args(TINY + ["--recipe", "authors"])
+    torch.manual_seed(0)
+    spt = SPT(4, 2, 64)
+    total, parts, scores, stats = train.step_loss(llm, spt, batch, args, world=1)
+    assert seen and all(entry == (True, dtype, dtype) for entry in seen)
+    assert scores.dtype == torch.float32 and total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
+    assert torch.equal(scores, spt.scores(llm.embed(batch.context_ids), batch.context_mask))  # what Eq. 7 computes at inference
+    target_logprobs, _, fused = train.spt_forward(llm, spt, batch, score_fusion=True)
+    b, t = batch.target_mask.nonzero(as_tuple=True)
+    prompts, _ = spt(llm.embed(batch.context_ids), batch.context_mask)
+    embeds, mask = prompted_inputs(prompts, llm.embed(batch.input_ids), batch.attention_mask)
+    hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True).view(4, len(encoded), -1, 64)
+    logits = llm.lm_head(hidden[:, b, 2 + t - 1]).float()  # (K, N, V)
+    s = scores[b].double()
+    by_hand = (torch.einsum("nk,knv->nv", s, logits.double()).log_softmax(-1).gather(-1, batch.input_ids[b, t][:, None])).squeeze(-1)
+    assert (fused[b, t].double() - by_hand).abs().max() < 1e-4  # bf16 einsum: errors of 0.01-0.1
+
+
+def test_opt_post_ln_residual_stream_keeps_the_weights_dtype(tmp_path):
+    """OPT post-LN blocks put the LayerNorm's output into the residual stream: computed in float32 and cast back,
+    it is the weights' dtype whatever autocast would pick on the device (float32 on CUDA, bf16 on CPU)."""
+    folder = tmp_path / "opt"
+    save_hf(make_hf("opt_postln_proj"), folder, "safetensors")
+    llm, _ = load_llm(folder, dtype=torch.bfloat16)
+    seen = autocast_spy(llm)
+    ids = torch.randint(4, VOCAB, (2, 7))
+    logits = llm(ids)
+    assert logits.dtype == torch.float32 and [entry[2] for entry in seen] == [torch.bfloat16] * 2
+    norm = llm.model.decoder.layers[0].final_layer_norm
+    x = torch.randn(3, 64, dtype=torch.bfloat16) * 30
+    expected = F.layer_norm(x.float(), (64,), norm.weight.float(), norm.bias.float(), norm.eps).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(norm(x), expected)
+
+
+def test_bf16_training_is_close_to_float32_and_keeps_trainable_state_float32(tmp_path):
+    flags = TINY + ["--max-len", "64", "--max-steps", "3", "--prompt-len", "2"]
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        spt = train.train(train.parse_args(flags + ["--dtype", dtype, "--out", str(tmp_path / dtype)]))
+        runs[dtype] = read_log(tmp_path / dtype / "log.jsonl")
+        state = torch.load(tmp_path / dtype / "train_state.pt", weights_only=True)
+        assert all(p.dtype == torch.float32 for p in spt.parameters())
+        assert all(v.dtype == torch.float32 for s in state["optimizer"]["state"].values() for k, v in s.items() if k != "step")
+        assert json.loads((tmp_path / dtype / "config.json").read_text())["dtype"] == dtype
+    assert runs["bfloat16"][0]["loss"] != runs["float32"][0]["loss"]  # bf16 did run
+    assert runs["bfloat16"][0]["loss"] == pytest.approx(runs["float32"][0]["loss"], rel=5e-3)
+
+
+def test_fp16_overflow_skips_the_step_halves_the_scale_and_says_so(tmp_path, monkeypatch, capsys):
+    """A loss scale of 2^40 overflows float16 activations' gradients: the GradScaler skips the update (the
+    trainable weights stay as they were), backs off (here by 2^-30, to 1024) and the next step trains."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: real(device, init_scale=2.0**40, backoff_factor=2.0**-30, enabled=enabled))
+    flags = TINY + ["--max-len", "64", "--prompt-len", "2", "--log-every", "1"]
+    initial = train.train(train.parse_args(flags + ["--max-steps", "1", "--lr", "0", "--out", str(tmp_path / "initial")]))
+    capsys.readouterr()
+    skipped = train.train(train.parse_args(flags + ["--max-steps", "1", "--dtype", "float16", "--out", str(tmp_path / "one")]))
+    assert all(torch.equal(a, b) for a, b in zip(skipped.state_dict().values(), initial.state_dict().values()))
+    assert "step 1: float16 gradients overflowed, so the GradScaler skipped this update and lowered its scale to 1024" in capsys.readouterr().out
+    assert torch.load(tmp_path / "one" / "train_state.pt", weights_only=True)["scaler"]["scale"] == 1024.0
+    trained = train.train(train.parse_args(flags + ["--max-steps", "2", "--dtype", "float16", "--out", str(tmp_path / "one"), "--resume"]))
+    log = read_log(tmp_path / "one" / "log.jsonl")
+    assert [r.get("skipped", False) for r in log] == [True, False]
+    assert (trained.soft_prompts - initial.soft_prompts).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_resume_continues_exactly_in_mixed_precision(tmp_path, dtype):
+    flags = RESUME + ["--dtype", dtype, "--prompt-len", "2"]
+    train.train(train.parse_args(flags + ["--max-steps", "4", "--out", str(tmp_path / "straight")]))
+    train.train(train.parse_args(flags + ["--max-steps", "2", "--out", str(tmp_path / "split")]))
+    train.train(train.parse_args(flags + ["--max-steps", "4", "--out", str(tmp_path / "split"), "--resume"]))
+    straight, split = read_log(tmp_path / "straight" / "log.jsonl"), read_log(tmp_path / "split" / "log.jsonl")
+    assert [r["loss"] for r in split] == [r["loss"] for r in straight]
+    a, b = load_file(tmp_path / "straight" / "spt.safetensors"), load_file(tmp_path / "split" / "spt.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    scalers = [torch.load(tmp_path / run / "train_state.pt", weights_only=True)["scaler"] for run in ("straight", "split")]
+    assert scalers[0] == scalers[1] and bool(scalers[0]) == (dtype == "float16")  # float16: the scale and its counter
 
 
 def test_recipe_sets_the_loss_flags_and_an_explicit_flag_wins():
@@ -1859,7 +2004,7 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_generate_evaluation_with_holdout_end_to_end(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "predictions.jsonl"
-    generate.main(["--ckpt", str(tiny_ckpt), "--max-new-tokens", "4", "--batch-size", "4", "--out", str(out)])
+    generate.main(["--ckpt", str(tiny_ckpt), "--max-new-tokens", "4", "--batch-size", "4", "--out", str(out), "--dtype", "float32"])
     held_out = data.split_by_dialogue(data.demo_examples(), 2, shuffle=False)[1]  # the checkpoint's --holdout 2
     records = read_log(out)
     assert [(r["dialogue_id"], r["turn"]) for r in records] == [(ex.dialogue_id, ex.turn) for ex in held_out]
@@ -1877,7 +2022,8 @@ def test_generate_evaluation_with_holdout_end_to_end(tiny_ckpt, tmp_path, capsys
         assert (record["prediction"], record["chosen_prompt"]) == (alone, chosen)
     printed = capsys.readouterr().out
     assert f"{len(held_out)} predictions in" in printed and f"prompt usage by turn ({len(held_out)} responses)" in printed
-    assert printed.splitlines()[1].split()[0] == "model"  # the Table-1 style header
+    assert printed.splitlines()[0] == "model tiny on cpu in float32 (as asked by --dtype)"
+    assert printed.splitlines()[2].split()[0] == "model"  # the Table-1 style header
 
 
 def test_evaluation_context_does_not_depend_on_the_reference(tiny_ckpt, tmp_path, monkeypatch):
@@ -1894,7 +2040,7 @@ def test_evaluation_context_does_not_depend_on_the_reference(tiny_ckpt, tmp_path
     generate_fn = generate.generate
     monkeypatch.setattr(generate, "generate", spy)
     generate.main(["--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "two.jsonl"), "--holdout", "0",
-                   "--max-new-tokens", "6", "--out", str(tmp_path / "predictions.jsonl")])
+                   "--max-new-tokens", "6", "--out", str(tmp_path / "predictions.jsonl"), "--dtype", "float32"])
     _, tok = load_llm("tiny")
     full = [tok.bos_id] + tok.encode(data.prompt_text(ex))
     assert len(contexts) == 2 and contexts[0] == contexts[1]

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 import data
 import losses
 from llm_loader import load_llm
+from model import Linear
 from retriever import SPT, prompted_inputs
 
 DEFAULT_CONVAI2 = Path("convai2") / "train_self_original_no_cands.txt"
@@ -95,7 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and noise")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="LLM weights and autocast; 'auto' is float32 on CPU, bfloat16 (or float16 with a GradScaler) on CUDA")
+                   help="the frozen LLM's weights and autocast (prompts, retriever, Adam and losses stay float32); 'auto' "
+                        "measures on CPU (bfloat16 where its matmuls are clearly faster, else float32) and takes bfloat16 "
+                        "on CUDA, or float16 with a GradScaler on GPUs without native bfloat16")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each decoder block in the backward pass: activations of one block at a time, one more forward")
     p.add_argument("--out", default="runs/spt", help="checkpoint folder")
@@ -133,19 +136,73 @@ def resolve_device(name):
     return device
 
 
-def resolve_dtype(name, device):
-    """Float32 on CPU (bf16 matmuls are far slower there); bf16, or fp16 with a GradScaler, on CUDA."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, name)
+BF16_SPEEDUP = 1.25  # 'auto' takes bfloat16 on a CPU only when its matmuls run at least this much faster
 
 
-def autocast(device, dtype):
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
+def cpu_matmul_gflops(config, rows, dtype, seconds=0.05):
+    """GFLOP/s of one block's MLP matmuls on the CPU, (rows, hidden) -> intermediate -> hidden, in dtype.
+
+    Run through model.Linear, the path the forward takes (few rows go W @ x^T on CPU); the best of
+    repeats after a warm-up, until `seconds` have passed (at least one repeat, so a slow dtype costs little).
+    """
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the run's seeded draws stay as they were
+        up = Linear(config.hidden_size, config.intermediate_size, bias=False).to(dtype)
+        down = Linear(config.intermediate_size, config.hidden_size, bias=False).to(dtype)
+        x = torch.randn(rows, config.hidden_size, dtype=dtype)
+        down(up(x))
+        best, spent, repeats = math.inf, 0.0, 0
+        while repeats < 1 or spent < seconds:
+            start = time.perf_counter()
+            down(up(x))
+            elapsed = time.perf_counter() - start
+            best, spent, repeats = min(best, elapsed), spent + elapsed, repeats + 1
+    return 4 * rows * config.hidden_size * config.intermediate_size / best / 1e9
+
+
+def probe_rows(config, rows):
+    """Rows for the probe: as asked, but at most about 1 GFLOP a repeat, so it takes well under a second."""
+    return max(1, min(rows, int(2.5e8 / (config.hidden_size * config.intermediate_size))))
+
+
+def resolve_dtype(name, device, config=None, rows=256):
+    """(dtype, why) for the frozen LLM: --dtype as given, or what 'auto' picks for matmuls of `rows` rows.
+
+    auto on CUDA: bfloat16 where the GPU computes it natively (Ampere and later), else float16 with a
+    GradScaler; emulated bf16 (V100, T4) is slow. auto on CPU: measured, since CPUs differ (bf16
+    matmuls ran 4x faster than float32 on one machine of ours, 70x slower on another): bfloat16 when
+    the model's matmuls (config, a ModelConfig) run BF16_SPEEDUP times faster in it, else float32.
+    """
+    if name != "auto":
+        return getattr(torch, name), "as asked by --dtype"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, "auto: this GPU computes bfloat16 natively"
+        return torch.float16, "auto: this GPU has no native bfloat16, so float16 with a GradScaler"
+    if device.type != "cpu" or config is None:
+        return torch.float32, f"auto: no probe on {device.type}"
+    rows = probe_rows(config, rows)
+    bf16, fp32 = (cpu_matmul_gflops(config, rows, dtype) for dtype in (torch.bfloat16, torch.float32))
+    dtype = torch.bfloat16 if bf16 >= BF16_SPEEDUP * fp32 else torch.float32
+    return dtype, f"auto: {rows}-row matmuls ran {bf16:.3g} GFLOP/s in bfloat16, {fp32:.3g} in float32"
+
+
+def load_frozen_llm(name, device, dtype_name, rows=256):
+    """(llm, tokenizer, dtype, why): the frozen LLM in the dtype --dtype names or that 'auto' picks.
+
+    On CPU 'auto' has to see the model's shapes, so the model loads in float32 first (as every
+    GGUF and most checkpoints arrive) and is cast after the probe.
+    """
+    probe = dtype_name == "auto" and device.type == "cpu"
+    dtype, why = (torch.float32, None) if probe else resolve_dtype(dtype_name, device)
+    llm, tok = load_llm(name, device=device, dtype=dtype)
+    if probe:
+        dtype, why = resolve_dtype(dtype_name, device, llm.config, rows)
+        llm.to(dtype)
+    return llm, tok, dtype, why
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
 
 
 def resolve_data(spec, rank):
@@ -385,7 +442,7 @@ def load_checkpoint(ckpt, embed_dim=None, device="cpu"):
 
 
 def checkpoint_config(args, llm, world):
-    return {"model": args.model, "arch": llm.config.arch, "embed_dim": llm.embed_dim,
+    return {"model": args.model, "arch": llm.config.arch, "embed_dim": llm.embed_dim, "dtype": dtype_name(llm.dtype),
             "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "method": args.method,
             "max_len": args.max_len, "data": args.data, "holdout": args.holdout, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "world_size": world, "seed": args.seed, "max_examples": args.max_examples,
@@ -429,10 +486,19 @@ def format_duration(seconds):
 
 def train(args):
     world, rank, device = setup_distributed(args)
-    dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    llm, tok = load_llm(args.model, device=device, dtype=dtype)
+    resumed_dtype = args.resume and args.dtype == "auto" and (out / "config.json").exists()
+    if resumed_dtype:  # a run continues in the dtype it began in, whatever a probe would say today
+        args.dtype = json.loads((out / "config.json").read_text()).get("dtype", "auto")
+    llm, tok, dtype, dtype_why = load_frozen_llm(args.model, device, args.dtype)
+    if resumed_dtype:
+        dtype_why = f"auto: the dtype of the checkpoint in {out}"
+    if world > 1:  # every process must compute in one dtype: rank 0's choice (its probe) holds for all
+        choice = [dtype, dtype_why]
+        dist.broadcast_object_list(choice, src=0)
+        dtype, dtype_why = choice
+        llm.to(dtype)
     llm.grad_checkpoint = args.grad_checkpoint
     args.prompt_len = args.prompt_len or (1 if llm.config.arch == "llama" else 8)
     args.data = resolve_data(args.data, rank)
@@ -457,7 +523,7 @@ def train(args):
         spt.lin_prompt.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in spt.parameters() if p.requires_grad], lr=args.lr)
     config = checkpoint_config(args, llm, world)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # float16 gradients underflow unscaled
     start = 0
     if args.resume:
         start = resume(out, spt, optimizer, scaler, config, rank)
@@ -465,7 +531,8 @@ def train(args):
 
     per_epoch = len(encoded) // (args.batch_size * world)
     total_steps = args.max_steps or max(1, int(args.epochs * per_epoch) // args.grad_accum)
-    log(rank, f"model {args.model} ({llm.config.arch}, {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M frozen) on {device} in {str(dtype).replace('torch.', '')}")
+    log(rank, f"model {args.model} ({llm.config.arch}, {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M frozen) on {device} "
+              f"in {dtype_name(dtype)} ({dtype_why})")
     log(rank, f"data {args.data}: {len(encoded)} training examples, {len(held_out)} held out; "
               f"{args.method.upper()} K={args.num_prompts} L={args.prompt_len}, {sum(p.numel() for p in spt.parameters() if p.requires_grad)} trainable parameters")
     log(rank, f"{total_steps} steps of {args.batch_size * args.grad_accum * world} examples "
@@ -486,8 +553,7 @@ def train(args):
             batch = next(batches).to(device)
             sync = nullcontext() if world == 1 or micro == args.grad_accum - 1 else model.no_sync()
             with sync:
-                with autocast(device, dtype):
-                    loss, parts, scores, stats = step_loss(llm, model, batch, args, world)
+                loss, parts, scores, stats = step_loss(llm, model, batch, args, world)  # the LLM autocasts itself
                 check_finite(loss, step, out, rank, world)
                 scaler.scale(loss / args.grad_accum).backward()
             step_total = step_total + loss.detach()
@@ -498,8 +564,7 @@ def train(args):
         if args.method == "spt":
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             stats["grad_lin_context"] = spt.lin_context.weight.grad.norm().item() / scale
-        scaler.step(optimizer)
-        scaler.update()
+        skipped = step_with_scaler(scaler, optimizer)
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t_step
         loss, parts = step_total / args.grad_accum, {k: v / args.grad_accum for k, v in step_parts.items()}
@@ -509,6 +574,10 @@ def train(args):
             loss, parts = values[0] / world, dict(zip(parts, values[1:] / world))
         record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
                   "usage": step_usage.tolist(), **stats, "seconds": round(seconds, 4)}
+        if skipped:
+            record["skipped"] = True
+            log(rank, f"step {step}: float16 gradients overflowed, so the GradScaler skipped this update and lowered "
+                      f"its scale to {scaler.get_scale():g}")
         if step % args.log_every == 0 or step in (start + 1, total_steps):
             elapsed = time.time() - t_start
             eta = elapsed / (step - start) * (total_steps - step)
@@ -537,6 +606,21 @@ def train(args):
     return spt
 
 
+def step_with_scaler(scaler, optimizer):
+    """optimizer.step() through the GradScaler; True when it skipped the step (inf/NaN gradients: fp16 overflow).
+
+    A disabled scaler (float32, bfloat16) just steps. An enabled one unscales the gradients, skips the
+    step if any is not finite, and halves its scale then (doubles it after 2000 good steps).
+    """
+    if not scaler.is_enabled():
+        optimizer.step()
+        return False
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() < scale
+
+
 def check_finite(loss, step, out, rank, world):
     """Stop every process with the same message when any process's loss is not finite (none waits forever)."""
     values = torch.zeros(world, device=loss.device)
@@ -557,7 +641,7 @@ def resume(out, spt, optimizer, scaler, config, rank):
         raise FileNotFoundError(f"--resume: {out} holds no train_state.pt to continue from: drop --resume or pass the --out of a run")
     state = torch.load(out / "train_state.pt", weights_only=True, map_location="cpu")
     saved = state["config"]
-    for key in ("model", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout",
+    for key in ("model", "dtype", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout",
                 "batch_size", "grad_accum", "world_size", "seed", "max_examples", *LOSS_SETTINGS):
         if saved.get(key) != config[key]:
             raise ValueError(f"--resume: checkpoint {out} has {key}={saved[key]!r} but this run asks for {config[key]!r}; "
