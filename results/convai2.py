@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
@@ -44,13 +46,23 @@ def test_batches(config, tok, batch_size=8):
     return list(data.batches(encoded, batch_size, tok.pad_id, shuffle=False))
 
 
+def run_dtype(config):
+    """The dtype a run trained its LLM in; runs from before config.json recorded it all used --dtype float32."""
+    return config.get("dtype", "float32")
+
+
+def load_run_llm(config):
+    """The frozen LLM in the dtype the run trained in, so scores compare like with like."""
+    return load_llm(config["model"], device="cpu", dtype=getattr(torch, run_dtype(config)))
+
+
 def heldout(runs):
     """Held-out NLL per token with the prompt of Eq. 7, averaged over every test example, and the prompts picked."""
     llm = tok = None
     for run in map(Path, runs):
         spt, config = train.load_checkpoint(run)
-        if llm is None:
-            llm, tok = load_llm(config["model"], device="cpu")
+        if llm is None or llm.dtype != getattr(torch, run_dtype(config)):
+            llm, tok = load_run_llm(config)
         batches = test_batches(config, tok)
         nll, chosen = train.heldout_nll(llm, spt, batches)
         turns = [ex.turn for batch in batches for ex in batch.examples]
@@ -64,7 +76,7 @@ def heldout(runs):
 def baseline(run):
     """The frozen LLM with no soft prompt on run's test part: the floor every prompt should beat."""
     config = train.load_checkpoint(run)[1]
-    llm, tok = load_llm(config["model"], device="cpu")
+    llm, tok = load_run_llm(config)
     nll = train.no_prompt_nll(llm, test_batches(config, tok))
     out = Path(run).parent / "no_prompt.json"
     out.write_text(json.dumps({"examples": len(nll), "nll": sum(nll) / len(nll)}, indent=1) + "\n")
@@ -74,9 +86,10 @@ def baseline(run):
 def predictions(run):
     """Greedy responses to every test context (generate.py), scored, then stored without the ConvAI2 text."""
     run = Path(run)
+    dtype = run_dtype(train.load_checkpoint(run)[1])
     with tempfile.TemporaryDirectory() as tmp:
         full = Path(tmp) / "predictions.jsonl"
-        generate.main(["--ckpt", str(run), "--out", str(full), "--device", "cpu"])
+        generate.main(["--ckpt", str(run), "--out", str(full), "--device", "cpu", "--dtype", dtype])
         records = metrics.read_predictions(full)
     scores = {k: v for k, v in metrics.metrics_of_records(records).items() if not k.startswith("bertscore")}
     (run / "generation.json").write_text(json.dumps({"examples": len(records), **scores}, indent=1) + "\n")
@@ -120,14 +133,14 @@ def mean_std(values):
 
 
 def steps_note(runs_dir, settings):
-    """How long the finished runs of the table trained, from their configs (one phrase when all agree)."""
+    """How long, and in which dtype, the finished runs of the table trained, from their configs (one phrase when all agree)."""
     shapes = set()
     for setting, _ in settings:
         for folder in runs_dir.glob(f"{setting}_seed*"):
             config = read(folder / "config.json")
             if config and (folder / "heldout.json").is_file():
                 steps, batch = config["args"]["max_steps"], config["batch_size"]
-                shapes.add(f"{steps} steps of {batch} examples ({steps * batch} examples)")
+                shapes.add(f"{steps} steps of {batch} examples ({steps * batch} examples) in {run_dtype(config)}")
     return "Runs trained " + " or ".join(sorted(shapes)) if shapes else "No run has finished yet"
 
 

@@ -1,7 +1,8 @@
 # Shared by results/pt_vs_spt.sh, results/ablations.sh and results/num_prompts.sh (sourced, not run).
-# Frozen SmolLM2-135M on CPU in float32; train on the first 900 dialogues of the shared ConvAI2 validation file,
+# Frozen SmolLM2-135M on CPU in DTYPE (default float32, as every run in results/convai2 was trained; bfloat16 runs go to
+# their own OUT, e.g. results/convai2_bf16, so that no table mixes dtypes); train on the first 900 dialogues of the shared ConvAI2 validation file,
 # test on its last 100 (776 examples). Every run has the same data order for a seed and the same steps.
-# Environment: STEPS (default 300), SEEDS, ONLY (run names to run, space-separated), MODEL, DATA, HOLDOUT, OUT, PY.
+# Environment: STEPS (default 300), SEEDS, ONLY (run names to run, space-separated), MODEL, DATA, HOLDOUT, DTYPE, OUT, PY.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-python}
@@ -10,6 +11,7 @@ DATA=${DATA:-../shared/data/convai2/valid_self_original_no_cands.txt}
 HOLDOUT=${HOLDOUT:-100}
 STEPS=${STEPS:-300}
 EVAL_EVERY=${EVAL_EVERY:-50}
+DTYPE=${DTYPE:-float32}
 OUT=${OUT:-results/convai2}
 if [[ $DATA != demo && ! -f $DATA ]]; then
   echo "skipped: $DATA is absent (the ConvAI2 validation split; see ../shared/README.md), or set DATA=" >&2
@@ -20,7 +22,7 @@ fi
 # 300 steps: PT L = 1's held-out NLL fell 0.11, then 0.06 per 50 steps up to step 150 (3.457, 3.348, 3.287), so 150 was
 # not enough for the curve to flatten.
 TRAIN=(--model "$MODEL" --data "$DATA" --holdout "$HOLDOUT" --max-steps "$STEPS" --batch-size 8 --device cpu
-       --dtype float32 --prompt-init vocab --lr 0.01 --eval-every "$EVAL_EVERY" --eval-examples 200
+       --dtype "$DTYPE" --prompt-init vocab --lr 0.01 --eval-every "$EVAL_EVERY" --eval-examples 200
        --save-every 25 --log-every 10)
 mkdir -p "$OUT"
 echo "ConvAI2 runs in $OUT: ${TRAIN[*]}"
