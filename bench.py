@@ -6,7 +6,8 @@
 
 Both sides get the same weights (a transformers LlamaForCausalLM loaded with our state dict, whose
 names are Hugging Face's), the same batches (a seeded selection of ConvAI2 examples, or the demo set),
-the same initial soft prompts and retriever, float32.
+the same initial soft prompts and retriever, and the same dtype: --dtype, 'auto' resolved once as train.py
+resolves it (bf16 weights run under autocast on both sides; soft prompts, retriever and losses float32).
 
 Training step (forward + backward; the optimizer step is excluded on both sides):
   ours       train.step_loss: one forward of the K*B prompted sequences, split only into groups of
@@ -17,7 +18,7 @@ Training step (forward + backward; the optimizer step is excluded on both sides)
              the gathered target log-probabilities; the retriever (Eq. 1) scores the adapters' prompts.
   Before any timing, both sides' total loss on the first batch must agree within 1e-4 and the
   gradients of the soft prompts and the retriever within 1e-4 (relative, for gradients above 1),
-  or the script exits with an error. Each side is then timed in a fresh process (one warm-up step, --steps timed),
+  in float32 (bf16 rounding would hide a real difference), or the script exits with an error. Each side is then timed in a fresh process (one warm-up step, --steps timed),
   whose peak memory above the loaded model is its peak RSS (Linux VmHWM, reset after loading) or,
   on CUDA, torch.cuda.max_memory_allocated.
 Decoding: greedy, KV cache, a batch of contexts with their retriever-chosen prompts, exactly
@@ -25,7 +26,7 @@ Decoding: greedy, KV cache, a batch of contexts with their retriever-chosen prom
   versus transformers' generate(inputs_embeds=..., eos_token_id=None); each side in a fresh process,
   the median of --decode-repeats runs after a warm-up.
 Efficiency: useful FLOPs of the training step (train_step_flops) per second, as a percentage of the
-  float32 matmul rate measured in the same run.
+  matmul rate in the same dtype measured in the same run.
 """
 import argparse
 import copy
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--decode-repeats", type=int, default=5, help="timed decodes per side (after one warm-up)")
     p.add_argument("--seed", type=int, default=0, help="seeds the example selection and the soft prompts")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="both sides' LLM weights and autocast; 'auto' picks as train.py does (for decoding: as generate.py does "
+                        "for --batch-size rows)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of both sides")
     p.add_argument("--json", default="runs/bench.json", help="where to write the numbers (runs/ is git-ignored)")
     args = p.parse_args(argv)
@@ -107,7 +111,7 @@ def hf_llama(llm):
         mlp_bias=c.mlp_bias, attn_implementation="sdpa")
     hf = LlamaForCausalLM(config)
     hf.load_state_dict(llm.state_dict())
-    return hf.to(llm.lm_head.weight.device).eval().requires_grad_(False)
+    return hf.to(llm.lm_head.weight.device, llm.dtype).eval().requires_grad_(False)
 
 
 def bench_batches(tok, args, device):
@@ -170,13 +174,20 @@ def reference_loss(peft_model, retriever, batch):
     per_prompt = []
     for name in peft_model.prompt_encoder:
         peft_model.set_adapter(name)
-        logits = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, L+T, V)
+        with reference_autocast(peft_model):
+            logits = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, L+T, V)
         logprobs = F.log_softmax(logits[:, L - 1:-1].float(), dim=-1)  # (B, T, V): position L+t-1 predicts token t
         target = logprobs.gather(-1, batch.input_ids[..., None]).squeeze(-1)  # (B, T)
         per_prompt.append(target.masked_fill(~batch.target_mask, 0.0))
     target_logprobs = torch.stack(per_prompt, dim=1)  # (B, K, T)
     return losses.total_loss(target_logprobs, batch.target_mask, scores, losses.bleu_matrix(batch.context_texts),
                              tau_g=LOSS_ARGS.tau_g, threshold=LOSS_ARGS.gamma)
+
+
+def reference_autocast(hf):
+    """The reference's mixed precision, as ours: autocast to its weights' dtype (a no-op in float32)."""
+    weight = hf.get_input_embeddings().weight
+    return torch.autocast(weight.device.type, dtype=weight.dtype, enabled=weight.dtype != torch.float32)
 
 
 def check_agreement(llm, hf, args, batch):
@@ -207,14 +218,15 @@ def load_in_child(args):
     """What each fresh process starts with: the thread count, then the model, its tokenizer, the batches and the device."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    llm, tok = load_llm(args.model, device=device)
+    llm, tok = load_llm(args.model, device=device, dtype=getattr(torch, args.dtype))  # resolved by main()
     return llm, tok, bench_batches(tok, args, device), device
 
 
 def agreement_side(args):
     """check_agreement on the first batch, in a fresh process: its autograd graphs hold gigabytes
-    that the allocator would keep in this process's memory while the timed children run."""
-    llm, _, batches, _ = load_in_child(args)
+    that the allocator would keep in this process's memory while the timed children run. Always in
+    float32: the check is that both sides compute the same thing, which bf16 rounding would blur."""
+    llm, _, batches, _ = load_in_child(argparse.Namespace(**{**vars(args), "dtype": "float32"}))
     return check_agreement(llm, hf_llama(llm), args, batches[0])
 
 
@@ -304,9 +316,9 @@ def train_step_flops(config, batch, num_prompts, prompt_len):
     return num_prompts * (per_sequence.sum().item() + lm_head)
 
 
-def matmul_gflops(device, size=4096, repeats=3):
-    """Best float32 rate (GFLOP/s) of a (size x size) @ (size x size) matmul on this machine now."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_gflops(device, dtype=torch.float32, size=4096, repeats=3):
+    """Best rate (GFLOP/s) of a (size x size) @ (size x size) matmul in dtype on this machine now."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     best = math.inf
     for _ in range(repeats):
@@ -333,7 +345,8 @@ def greedy_ours(llm, embeds, mask, new_tokens):
 def greedy_reference(hf, embeds, mask, new_tokens, pad_id):
     """transformers' greedy generate with its KV cache on the same embeddings; no EOS -> (B, new_tokens)."""
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=pad_id)
-    return hf.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+    with reference_autocast(hf):
+        return hf.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
 
 
 def decode_side(side, args):
@@ -399,16 +412,21 @@ def main(argv=None):
     hf_llama(llm)  # refuses a non-Llama model before any work
     batches = bench_batches(tok, args, device)
     c = llm.config
+    dtypes = {part: train.resolve_dtype(args.dtype, device, c, rows) for part, rows in (("train", 256), ("decode", args.batch_size))}
     print(f"model {args.model} ({sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M, {c.num_layers} layers, "
-          f"hidden {c.hidden_size}, vocab {c.vocab_size}) on {device}, float32, {torch.get_num_threads()} threads; "
+          f"hidden {c.hidden_size}, vocab {c.vocab_size}) on {device}, {torch.get_num_threads()} threads; "
           f"K={args.num_prompts} L={args.prompt_len} batch {args.batch_size}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}, peft {peft.__version__}")
+    for part, (dtype, why) in dtypes.items():
+        print(f"{part} in {train.dtype_name(dtype)} ({why})")
     results = {"command": shlex.join(["python", *sys.argv]), "args": {**vars(args), "parts": sorted(args.parts)},
-               "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+               "dtypes": {part: train.dtype_name(dtype) for part, (dtype, _) in dtypes.items()}}
+    in_dtype = {part: argparse.Namespace(**{**vars(args), "dtype": train.dtype_name(dtype)}) for part, (dtype, _) in dtypes.items()}
     rows = []
     if "decode" in args.parts:  # first: timed after the 15 GB reference training child, ours ran 10-40% slower
         print(f"decoding {args.batch_size} contexts x {args.new_tokens} tokens, {args.decode_repeats} times per side, each side in a fresh process ...", flush=True)
-        results["decode"] = decode = bench_decode(args)
+        results["decode"] = decode = bench_decode(in_dtype["decode"])
         print(f"greedy tokens equal: {100 * decode['tokens_equal']:.1f}%")
     if "train" in args.parts:
         results["agreement"] = agreement = run_in_fresh_process(agreement_side, args)
@@ -422,24 +440,24 @@ def main(argv=None):
         timed = batches[1:]
         tokens = sum(args.num_prompts * int(b.attention_mask.sum() + b.input_ids.shape[0] * args.prompt_len) for b in timed)
         flops = sum(train_step_flops(c, b, args.num_prompts, args.prompt_len) for b in timed)
-        results["matmul_gflops"] = matmul = matmul_gflops(device)
-        train = {}
+        results["matmul_gflops"] = matmul = matmul_gflops(device, dtypes["train"][0])
+        timing = {}
         for side in ("ours", "reference"):
             print(f"timing the {side} training step in a fresh process ({args.steps} steps after a warm-up) ...", flush=True)
-            run = run_in_fresh_process(train_side, side, args)
+            run = run_in_fresh_process(train_side, side, in_dtype["train"])
             seconds = sum(run["times"])
-            train[side] = {**run, "median_s": statistics.median(run["times"]), "tokens_per_s": tokens / seconds,
-                           "gflops": flops / seconds / 1e9, "efficiency_pct": 100 * flops / seconds / 1e9 / matmul}
-        results["train"] = train
+            timing[side] = {**run, "median_s": statistics.median(run["times"]), "tokens_per_s": tokens / seconds,
+                            "gflops": flops / seconds / 1e9, "efficiency_pct": 100 * flops / seconds / 1e9 / matmul}
+        results["train"] = timing
         results["train_flops_per_step"] = flops / len(timed)
-        rows += [("train step, median (s)", train["ours"]["median_s"], train["reference"]["median_s"]),
-                 ("train tokens/s", train["ours"]["tokens_per_s"], train["reference"]["tokens_per_s"]),
-                 ("train peak memory (MB)", train["ours"]["peak_mb"], train["reference"]["peak_mb"]),
-                 ("efficiency (% of matmul GFLOP/s)", train["ours"]["efficiency_pct"], train["reference"]["efficiency_pct"])]
+        rows += [("train step, median (s)", timing["ours"]["median_s"], timing["reference"]["median_s"]),
+                 ("train tokens/s", timing["ours"]["tokens_per_s"], timing["reference"]["tokens_per_s"]),
+                 ("train peak memory (MB)", timing["ours"]["peak_mb"], timing["reference"]["peak_mb"]),
+                 ("efficiency (% of matmul GFLOP/s)", timing["ours"]["efficiency_pct"], timing["reference"]["efficiency_pct"])]
     if "decode" in args.parts:
         rows.append(("decode tokens/s", decode["ours"]["tokens_per_s"], decode["reference"]["tokens_per_s"]))
     if "train" in args.parts:
-        rows.append(("float32 matmul GFLOP/s (4096^3)", results["matmul_gflops"], None))
+        rows.append((f"{results['dtypes']['train']} matmul GFLOP/s (4096^3)", results["matmul_gflops"], None))
     print()
     print(markdown_table(rows))
     print("\nratios are ours / reference: below 1 is better for time and memory, above 1 for rates")
