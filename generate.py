@@ -253,7 +253,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help="override the base model named in the checkpoint (must have the same embedding width)")
     p.add_argument("--data", default=None,
-                   help="evaluate on this data (ConvAI2 .txt, .jsonl or 'demo'); default: the checkpoint's training data")
+                   help="evaluate on this data (ConvAI2 .txt, DailyDialog dialogues_*.txt, .jsonl or 'demo'); "
+                        "default: the checkpoint's training data")
     p.add_argument("--holdout", type=int, default=None,
                    help="evaluate on the LAST N dialogues of --data (default: the checkpoint's --holdout; 0 = all)")
     p.add_argument("--max-examples", type=int, default=0, help="evaluate on the first N examples only (0: all)")

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -455,7 +456,7 @@ def test_target_encoded_apart_when_a_token_spans_the_prompt_end():
 
     tok = MergingTokenizer()
     enc = data.encode_example(make_example([], ["a"], "k l"), tok, 64)
-    assert enc.prompt_ids == [1] + tok.encode("given persona: ; context: Q: a R:")
+    assert enc.prompt_ids == [1] + tok.encode("context: Q: a R:")
     assert enc.target_ids == tok.encode(" k l") + [2]
 
 
@@ -848,6 +849,45 @@ def test_missing_path_message():
         assert part in msg
 
 
+# ----------------------------------------------------------------------------- issue 32: DailyDialog
+
+# A fake DailyDialog file (made-up text) in the release's format: dialogues of 4, 3 and 2 turns, one with a space
+# after its last __eou__, as the release writes some lines.
+FAKE_DAILYDIALOG = ("Hi , Tom . Going out ? __eou__ Yes , to the market . __eou__ Buy me some eggs ? __eou__ Sure . __eou__\n"
+                    "Is this seat taken ? __eou__ No , sit down . __eou__ Thanks . __eou__ \n"
+                    "What time is it ? __eou__ Half past two . __eou__\n")
+
+
+def test_load_dailydialog_hand_checked(tmp_path, capsys):
+    f = write(tmp_path, FAKE_DAILYDIALOG + "\n", "dialogues_text.txt")
+    exs = data.load_examples(str(f))  # a dialogues_*.txt goes to load_dailydialog
+    assert capsys.readouterr().err.strip() == f"{f}: skipped 1 blank lines"
+    assert [(ex.dialogue_id, ex.turn) for ex in exs] == [(0, 1), (0, 2), (1, 1), (2, 1)]  # 2 + 1 + 1 responses
+    a, b, c, d = exs
+    assert (a.persona, a.context, a.response) == ([], ["Hi , Tom . Going out ?"], "Yes , to the market .")
+    assert (b.context, b.response) == (["Hi , Tom . Going out ?", "Yes , to the market .", "Buy me some eggs ?"], "Sure .")
+    assert (c.context, c.response) == (["Is this seat taken ?"], "No , sit down .")  # "Thanks ." answers nothing
+    assert (d.context, d.response) == (["What time is it ?"], "Half past two .")
+    assert data.prompt_text(b) == "context: Q: Hi , Tom . Going out ? R: Yes , to the market . Q: Buy me some eggs ? R:"
+    assert data.stats(exs) == {"dialogues": 3, "examples": 4, "mean_turns": 4 / 3, "max_turn": 2, "mean_persona": 0.0}
+    assert data.load_examples(str(write(tmp_path, FAKE_DAILYDIALOG, "dialogues_train.txt"))) == exs
+
+
+@pytest.mark.parametrize("line, expect", [
+    ("Hello . __eou__ Hi . __eou__ Bye .", "the line ends with 'Bye .', not with __eou__"),
+    ("Hello . __eou__  __eou__ Hi . __eou__", "turn 2 is empty"),
+    ("Hello . __eou__", "only one turn; a dialogue needs a turn and its response"),
+    ("1 your persona: i like tea.", "not with __eou__"),
+])
+def test_dailydialog_malformed_line_is_a_one_line_error_with_its_number(tmp_path, line, expect):
+    f = write(tmp_path, FAKE_DAILYDIALOG + line + "\n", "dialogues_text.txt")
+    with pytest.raises(data.DataError) as e:
+        data.load_examples(str(f))
+    msg = str(e.value)
+    assert msg.startswith(f"{f}:4: ") and expect in msg and "\n" not in msg
+    assert msg.endswith("(expected a DailyDialog dialogues_*.txt file: one dialogue a line, every turn followed by __eou__)")
+
+
 def test_routing_set_is_seeded_and_keeps_kind_and_answer_apart():
     exs = data.routing_examples()
     assert data.load_examples("routing") == exs == data.routing_examples(seed=0)
@@ -881,7 +921,7 @@ def test_template_exact():
     ex = make_example(["i like tea.", "i have a dog."], ["hi", "hello !", "pets ?"], "a dog .")
     assert data.prompt_text(ex) == "given persona: i like tea. i have a dog.; context: Q: hi R: hello ! Q: pets ? R:"
     assert data.target_text(ex) == " a dog ."
-    assert data.prompt_text(make_example([], ["hey"], "yo")) == "given persona: ; context: Q: hey R:"
+    assert data.prompt_text(make_example([], ["hey"], "yo")) == "context: Q: hey R:"  # no persona, no persona part
 
 
 def test_encode_no_truncation_bos_eos():
@@ -1046,9 +1086,9 @@ def test_download_from_local_server(tmp_path):
         assert len(data.load_convai2(out / "valid_self_original_no_cands.txt")) == 3
         assert "2 dialogues, 3 examples" in r.stdout and "MB" in r.stderr
         with pytest.raises(data.DataError, match="sha256 .* expected 00"):
-            data.download_convai2(tmp_path / "o2", f"{base}/fake.tgz", sha256="00")
+            data.download("convai2", tmp_path / "o2", f"{base}/fake.tgz", sha256="00")
         with pytest.raises(data.DataError, match="not a valid tar.gz"):
-            data.download_convai2(tmp_path / "o3", f"{base}/not.tgz", sha256=None)
+            data.download("convai2", tmp_path / "o3", f"{base}/not.tgz")
         assert list((tmp_path / "o3").iterdir()) == []
     finally:
         server.shutdown()
@@ -1065,6 +1105,52 @@ def test_download_offline_message(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "could not download" in r.stderr and "by hand" in r.stderr
     assert f"train_self_original_no_cands.txt and valid_self_original_no_cands.txt from it into {out}/" in r.stderr
+
+
+# ----------------------------------------------------------------------------- issue 32: DailyDialog download
+
+def test_download_dailydialog_from_local_server_and_offline(tmp_path, capsys):
+    """The release's layout: ijcnlp_dailydialog/dialogues_text.txt beside train.zip, validation.zip, test.zip that
+    each hold SPLIT/dialogues_SPLIT.txt; the four dialogue files land flat in --dir, nothing else."""
+    served = tmp_path / "served"
+    served.mkdir()
+    with zipfile.ZipFile(served / "fake.zip", "w") as zf:
+        zf.writestr("ijcnlp_dailydialog/dialogues_text.txt", FAKE_DAILYDIALOG)
+        zf.writestr("ijcnlp_dailydialog/dialogues_act.txt", "1 2 3 4\n")
+        for split in ["train", "validation", "test"]:
+            inner = io.BytesIO()
+            with zipfile.ZipFile(inner, "w") as z:
+                z.writestr(f"{split}/dialogues_{split}.txt", FAKE_DAILYDIALOG.split("\n", 1)[1])
+                z.writestr(f"{split}/dialogues_emotion_{split}.txt", "0 0\n")
+            zf.writestr(f"ijcnlp_dailydialog/{split}.zip", inner.getvalue())
+    (served / "not.zip").write_bytes(b"this is not a zip file")
+    server = _serve(served)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    out = tmp_path / "out"
+    try:
+        data.main(["--download", "dailydialog", "--dir", str(out), "--url", f"{base}/fake.zip"])
+        assert sorted(p.name for p in out.iterdir()) == sorted(data.DAILYDIALOG_FILES)
+        printed = capsys.readouterr().out
+        assert f"wrote {out / 'dialogues_text.txt'}: 3 dialogues, 4 examples" in printed
+        assert f"wrote {out / 'dialogues_test.txt'}: 2 dialogues, 2 examples" in printed
+        with pytest.raises(data.DataError, match="not a valid zip archive"):
+            data.download("dailydialog", tmp_path / "o2", f"{base}/not.zip")
+        with pytest.raises(data.DataError, match="sha256 .* expected 00"):
+            data.download("dailydialog", tmp_path / "o3", f"{base}/fake.zip", sha256="00")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:  # a port with nothing listening: connection refused, like being offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SystemExit) as e:
+        data.main(["--download", "dailydialog", "--dir", str(tmp_path / "o4"), "--url", f"http://127.0.0.1:{port}/x.zip"])
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: could not download http://127.0.0.1:{port}/x.zip (") and "\n" not in msg
+    assert msg.endswith(f"Put the files there by hand: get http://yanran.li/files/ijcnlp_dailydialog.zip on a machine "
+                        f"with network, and copy ijcnlp_dailydialog/dialogues_text.txt from it (and, for the official "
+                        f"splits, dialogues_train.txt, dialogues_validation.txt and dialogues_test.txt from the "
+                        f"train.zip, validation.zip and test.zip inside it) into {tmp_path / 'o4'}/")
 
 
 # ============================================================================= retriever.py and losses.py: Eq. 1-6
@@ -2132,15 +2218,18 @@ BERT_REFERENCES = ["the cat sat", "hi , i am fine", "the end", "i do not like co
 
 def test_bertscore_equals_bert_score_on_a_tiny_deberta(tmp_path, monkeypatch):
     """metrics.bert_scores = bert_score.score with the authors' settings (the model's layer, no idf, no baseline
-    rescaling), offline. The reference call reads the same model with model_max_length 512 written into its
+    rescaling), offline; the paper's model is asked of llm_loader.hub_folder (here, it hands over the tiny
+    DeBERTa). The reference call reads the same model with model_max_length 512 written into its
     tokenizer config (what transformers 4 gave deberta-xlarge-mnli); an empty candidate scores 0, as bert_score
     scores it under transformers 4 (under 5 it raises), so the reference averages 0 in for it."""
     needs_bert_score()
     import bert_score
     use_hub(monkeypatch, tmp_path / "hf_home", offline=True)
-    monkeypatch.setattr(metrics, "BERTSCORE_MODEL", str(tiny_deberta(tmp_path / "deberta")))
+    folder, asked = tiny_deberta(tmp_path / "deberta"), []
+    monkeypatch.setattr(llm_loader, "hub_folder", lambda repo_id: asked.append(repo_id) or folder)  # the Hub's copy
     monkeypatch.setattr(metrics, "BERTSCORE_LAYER", 2)
     ours = metrics.bert_scores(BERT_CANDIDATES, BERT_REFERENCES)
+    assert asked == ["microsoft/deberta-xlarge-mnli"]
     both = [i for i, c in enumerate(BERT_CANDIDATES) if c]
     p, r, f = bert_score.score([BERT_CANDIDATES[i] for i in both], [BERT_REFERENCES[i] for i in both],
                                model_type=str(tiny_deberta(tmp_path / "deberta512", model_max_length=512)),
