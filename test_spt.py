@@ -853,7 +853,8 @@ def test_missing_path_message():
 
 # A fake DailyDialog file (made-up text) in the release's format: dialogues of 4, 3 and 2 turns, one with a space
 # after its last __eou__, as the release writes some lines.
-FAKE_DAILYDIALOG = ("Hi , Tom . Going out ? __eou__ Yes , to the market . __eou__ Buy me some eggs ? __eou__ Sure . __eou__\n"
+FAKE_DAILYDIALOG = ("Hi , Tom . Going out ? __eou__ Yes , to the market . __eou__ "
+                    "Buy me some eggs ? __eou__ Sure . __eou__\n"
                     "Is this seat taken ? __eou__ No , sit down . __eou__ Thanks . __eou__ \n"
                     "What time is it ? __eou__ Half past two . __eou__\n")
 
@@ -865,7 +866,8 @@ def test_load_dailydialog_hand_checked(tmp_path, capsys):
     assert [(ex.dialogue_id, ex.turn) for ex in exs] == [(0, 1), (0, 2), (1, 1), (2, 1)]  # 2 + 1 + 1 responses
     a, b, c, d = exs
     assert (a.persona, a.context, a.response) == ([], ["Hi , Tom . Going out ?"], "Yes , to the market .")
-    assert (b.context, b.response) == (["Hi , Tom . Going out ?", "Yes , to the market .", "Buy me some eggs ?"], "Sure .")
+    assert b.context == ["Hi , Tom . Going out ?", "Yes , to the market .", "Buy me some eggs ?"]
+    assert b.response == "Sure ."
     assert (c.context, c.response) == (["Is this seat taken ?"], "No , sit down .")  # "Thanks ." answers nothing
     assert (d.context, d.response) == (["What time is it ?"], "Half past two .")
     assert data.prompt_text(b) == "context: Q: Hi , Tom . Going out ? R: Yes , to the market . Q: Buy me some eggs ? R:"
@@ -885,7 +887,8 @@ def test_dailydialog_malformed_line_is_a_one_line_error_with_its_number(tmp_path
         data.load_examples(str(f))
     msg = str(e.value)
     assert msg.startswith(f"{f}:4: ") and expect in msg and "\n" not in msg
-    assert msg.endswith("(expected a DailyDialog dialogues_*.txt file: one dialogue a line, every turn followed by __eou__)")
+    assert msg.endswith("(expected a DailyDialog dialogues_*.txt file: one dialogue a line, "
+                        "every turn followed by __eou__)")
 
 
 def test_routing_set_is_seeded_and_keeps_kind_and_answer_apart():
@@ -1144,7 +1147,8 @@ def test_download_dailydialog_from_local_server_and_offline(tmp_path, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(SystemExit) as e:
-        data.main(["--download", "dailydialog", "--dir", str(tmp_path / "o4"), "--url", f"http://127.0.0.1:{port}/x.zip"])
+        data.main(["--download", "dailydialog", "--dir", str(tmp_path / "o4"),
+                   "--url", f"http://127.0.0.1:{port}/x.zip"])
     msg = str(e.value.code)
     assert msg.startswith(f"error: could not download http://127.0.0.1:{port}/x.zip (") and "\n" not in msg
     assert msg.endswith(f"Put the files there by hand: get http://yanran.li/files/ijcnlp_dailydialog.zip on a machine "
@@ -2264,7 +2268,8 @@ def test_generate_report_prints_the_three_bertscore_columns(tiny_ckpt, tmp_path,
     monkeypatch.setattr(metrics, "BERTSCORE_MODEL", str(tiny_deberta(tmp_path / "deberta")))
     monkeypatch.setattr(metrics, "BERTSCORE_LAYER", 2)
     out = tmp_path / "predictions.jsonl"
-    generate.main(["--ckpt", str(tiny_ckpt), "--max-new-tokens", "4", "--out", str(out), "--bertscore"])
+    generate.main(["--ckpt", str(tiny_ckpt), "--max-new-tokens", "4", "--max-examples", "3", "--out", str(out),
+                   "--bertscore"])
     records = read_log(out)
     expected = metrics.bert_scores([r["prediction"] for r in records], [r["reference"] for r in records])
     header, row = capsys.readouterr().out.splitlines()[1:3]
