@@ -1,14 +1,17 @@
 """
-Persona dialogue data for SPT (paper 3.1, 4.1): ConvAI2 self_original parsing, JSONL and a small
-built-in demo set, the prompt template, tokenization with truncation, batching, dialogue-level splits.
+Persona dialogue data for SPT (paper 3.1, 4.1, A.5): ConvAI2 self_original parsing, DailyDialog, JSONL and
+a small built-in demo set, the prompt template, tokenization with truncation, batching, dialogue-level splits.
 
-    python data.py FILE                          # stats of a ConvAI2 .txt, a .jsonl, or `demo`
-    python data.py --download convai2 --dir DIR  # fetch ConvAI2 (ParlAI's archive), keep the self_original files
+    python data.py FILE                             # stats of a ConvAI2 .txt, a DailyDialog dialogues_*.txt,
+                                                    # a .jsonl, or `demo`
+    python data.py --download convai2 --dir DIR     # fetch ConvAI2 (ParlAI's archive), keep the self_original files
+    python data.py --download dailydialog --dir DIR # fetch DailyDialog (the official archive), keep its dialogue files
 """
 import argparse
 import gzip
 import hashlib
 import http.client
+import io
 import json
 import random
 import shutil
@@ -17,6 +20,7 @@ import tarfile
 import time
 import urllib.parse
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -30,9 +34,17 @@ CONVAI2_URL = "https://dl.fbaipublicfiles.com/parlai/convai2/convai2_fix_723.tgz
 CONVAI2_SHA256 = "d0ae89defe2fd0b0a4221eaa642a457d7d40cef475f54798119c7f3b8dd9361d"
 CONVAI2_SUFFIX = "_self_original_no_cands.txt"
 PERSONA_PREFIX = "your persona: "
+# DailyDialog (Li et al., 2017; the paper's A.5) as its authors release it; the sha256 is the one Hugging Face's
+# datasets script for it lists (datasets/daily_dialog/dataset_infos.json, 4,475,921 bytes).
+DAILYDIALOG_URL = "http://yanran.li/files/ijcnlp_dailydialog.zip"
+DAILYDIALOG_SHA256 = "c641e88cbf21fd7c1b57289387f9107d33fe8685a2b37fe8066b82776535ea89"
+DAILYDIALOG_PREFIX = "dialogues_"  # the release's dialogue files: dialogues_text.txt (all) and the three splits
+DAILYDIALOG_FILES = ("dialogues_text.txt", "dialogues_train.txt", "dialogues_validation.txt", "dialogues_test.txt")
+EOU = "__eou__"  # DailyDialog's end of a turn
 JSONL_SHAPE = '{"persona": [...], "context": [...], "response": "..."}'
-SPEC_HELP = (f"pass a ConvAI2 *{CONVAI2_SUFFIX} file, a .jsonl file (one {JSONL_SHAPE} per line), or `demo`; "
-             "`python data.py --download convai2 --dir DIR` fetches ConvAI2")
+SPEC_HELP = (f"pass a ConvAI2 *{CONVAI2_SUFFIX} file, a DailyDialog {DAILYDIALOG_PREFIX}*.txt file, a .jsonl file "
+             f"(one {JSONL_SHAPE} per line), or `demo`; `python data.py --download convai2 --dir DIR` fetches "
+             "ConvAI2, `--download dailydialog` DailyDialog")
 
 
 class DataError(ValueError):
@@ -109,6 +121,38 @@ def load_convai2(path):
         if not turns:
             raise DataError(f"{path}:{start}: the dialogue starting here has no 'human<TAB>machine' turns {fmt}")
     return [ex for i, (_, persona, turns) in enumerate(dialogues) for ex in dialogue_examples(persona, turns, i)]
+
+
+def load_dailydialog(path):
+    """Parse a DailyDialog dialogues_*.txt of the official release: one dialogue a line, every turn followed by
+    `__eou__`. The paper (A.5) does not say whose turns it answers, and the authors' public code has no DailyDialog
+    reader; here, as in ConvAI2's self_original files, the speaker who opens is the human h and the other the
+    machine m, whose turns are the responses: a dialogue [u1, ..., uT] gives example n (n = 1 .. T // 2) with
+    context [u1, ..., u(2n-1)] and response u(2n); a last turn nobody answers is context for no one. The persona
+    P is empty (DailyDialog has none). dialogue_id is the dialogue's 0-based index in the file; blank lines are
+    skipped (counted)."""
+    path = Path(path)
+    fmt = f"(expected a DailyDialog {DAILYDIALOG_PREFIX}*.txt file: one dialogue a line, every turn followed by {EOU})"
+    dialogues, blank = [], 0
+    for lineno, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            blank += 1
+            continue
+        where = f"{path}:{lineno}"
+        turns = line.split(EOU)
+        if turns[-1].strip():
+            raise DataError(f"{where}: the line ends with {turns[-1].strip()[-30:]!r}, not with {EOU} {fmt}")
+        turns = [t.strip() for t in turns[:-1]]
+        if "" in turns:
+            raise DataError(f"{where}: turn {turns.index('') + 1} is empty {fmt}")
+        if len(turns) < 2:
+            raise DataError(f"{where}: only one turn; a dialogue needs a turn and its response {fmt}")
+        dialogues.append(list(zip(turns[0::2], turns[1::2])))
+    if blank:
+        print(f"{path}: skipped {blank} blank lines", file=sys.stderr)
+    if not dialogues:
+        raise DataError(f"{path}: no dialogues, only blank lines {fmt}")
+    return [ex for i, turns in enumerate(dialogues) for ex in dialogue_examples([], turns, i)]
 
 
 def load_jsonl(path):
@@ -287,19 +331,23 @@ def routing_kind(example):
 
 def load_examples(spec):
     """spec "demo" -> demo_examples(); "routing" -> routing_examples(); a *.jsonl path -> load_jsonl;
-    any other path -> load_convai2."""
+    a dialogues_*.txt path (DailyDialog's file names) -> load_dailydialog; any other path -> load_convai2."""
     if str(spec) == "demo":
         return demo_examples()
     if str(spec) == "routing":
         return routing_examples()
     path = Path(spec)
-    return load_jsonl(path) if path.suffix == ".jsonl" else load_convai2(path)
+    if path.suffix == ".jsonl":
+        return load_jsonl(path)
+    return load_dailydialog(path) if path.name.startswith(DAILYDIALOG_PREFIX) else load_convai2(path)
 
 
 def render_prompt(persona, context):
-    """The template of the authors' code: given persona: {P}; context: Q: h1 R: m1 ... Q: hn R:"""
+    """The template of the authors' code: given persona: {P}; context: Q: h1 R: m1 ... Q: hn R:
+    An example without a persona (P empty, as in DailyDialog) takes it without its persona part:
+    context: Q: h1 R: m1 ... Q: hn R:"""
     turns = " ".join(("Q: " if i % 2 == 0 else "R: ") + u for i, u in enumerate(context))
-    return f"given persona: {' '.join(persona)}; context: {turns} R:"
+    return f"given persona: {' '.join(persona)}; context: {turns} R:" if persona else f"context: {turns} R:"
 
 
 def prompt_text(ex):
@@ -480,7 +528,7 @@ def _fetch(url, out, timeout):
     return digest.hexdigest()
 
 
-def _unpack(archive, url, dest):
+def _unpack_convai2(archive, url, dest):
     """Copy the *_self_original_no_cands.txt members of a tar.gz into dest (flat); return their paths."""
     written = []
     try:
@@ -499,14 +547,53 @@ def _unpack(archive, url, dest):
     return written
 
 
-def download_convai2(dest, url=CONVAI2_URL, sha256=CONVAI2_SHA256, timeout=30.0):
-    """Fetch the ConvAI2 archive, check its sha256 (skipped when sha256 is None) and that it is a tar.gz,
-    and write only its *_self_original_no_cands.txt files into dest. Returns the written paths."""
+def _unpack_dailydialog(archive, url, dest):
+    """Copy the DAILYDIALOG_FILES of a zip into dest (flat): dialogues_text.txt from the archive, the three
+    splits from the zips inside it (train.zip, validation.zip, test.zip). Return their paths."""
+    written = []
+
+    def copy_from(zf):
+        for name in zf.namelist():
+            base = name.rsplit("/", 1)[-1]
+            if base in DAILYDIALOG_FILES and not name.startswith("__MACOSX"):
+                part = dest / (base + ".part")
+                part.write_bytes(zf.read(name))
+                written.append(part.replace(dest / base))
+            elif name.endswith(".zip") and not name.startswith("__MACOSX"):
+                with zipfile.ZipFile(io.BytesIO(zf.read(name))) as inner:
+                    copy_from(inner)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            copy_from(zf)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise DataError(f"{url}: not a valid zip archive ({e}); check --url") from None
+    if not written:
+        raise DataError(f"{url}: the archive holds none of {', '.join(DAILYDIALOG_FILES)}; check --url")
+    return written
+
+
+# name: (official URL, its sha256, unpack(archive, url, dest) -> paths, what to copy into dest by hand)
+DOWNLOADS = {
+    "convai2": (CONVAI2_URL, CONVAI2_SHA256, _unpack_convai2,
+                f"train{CONVAI2_SUFFIX} and valid{CONVAI2_SUFFIX} from it"),
+    "dailydialog": (DAILYDIALOG_URL, DAILYDIALOG_SHA256, _unpack_dailydialog,
+                    "ijcnlp_dailydialog/dialogues_text.txt from it (and, for the official splits, "
+                    "dialogues_train.txt, dialogues_validation.txt and dialogues_test.txt from the train.zip, "
+                    "validation.zip and test.zip inside it)"),
+}
+
+
+def download(name, dest, url=None, sha256=None, timeout=30.0):
+    """Fetch data set `name`'s archive (url: the official one by default), check its sha256 (the given one, else
+    the known one when url is the official URL; a custom URL without one is only checked to be a valid archive),
+    and write only the files the loaders read into dest. Returns the written paths."""
+    official, known, unpack, files = DOWNLOADS[name]
+    url = url or official
+    sha256 = sha256 or (known if url == official else None)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / ((Path(urllib.parse.urlparse(url).path).name or "convai2.tgz") + ".part")
-    by_hand = (f"Put the files there by hand: get {CONVAI2_URL} on a machine with network, and copy "
-               f"train{CONVAI2_SUFFIX} and valid{CONVAI2_SUFFIX} from it into {dest}/")
+    archive = dest / ((Path(urllib.parse.urlparse(url).path).name or f"{name}.archive") + ".part")
+    by_hand = f"Put the files there by hand: get {official} on a machine with network, and copy {files} into {dest}/"
     try:
         try:
             digest = _fetch(url, archive, timeout)
@@ -515,30 +602,32 @@ def download_convai2(dest, url=CONVAI2_URL, sha256=CONVAI2_SHA256, timeout=30.0)
         if sha256 is not None and digest != sha256:
             raise DataError(f"{url}: sha256 {digest}, expected {sha256}; the download is corrupt or changed, "
                             f"run the command again. {by_hand}")
-        return _unpack(archive, url, dest)
+        return unpack(archive, url, dest)
     finally:
         archive.unlink(missing_ok=True)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="SPT data: print stats of a data set, or download ConvAI2.")
-    ap.add_argument("spec", nargs="?", help=f"a ConvAI2 *{CONVAI2_SUFFIX}, a .jsonl, or demo: print its stats")
-    ap.add_argument("--download", choices=["convai2"], help="fetch a data set into --dir")
-    ap.add_argument("--dir", help="where --download writes the *_self_original_no_cands.txt files")
-    ap.add_argument("--url", default=CONVAI2_URL, help="archive URL (default: ParlAI's convai2_fix_723.tgz)")
-    ap.add_argument("--sha256", help="expected sha256 of the archive at --url (default: known for the default "
-                                     "URL, none for a custom URL, which then is only checked to be a tar.gz)")
+    ap = argparse.ArgumentParser(description="SPT data: print stats of a data set, or download ConvAI2 or DailyDialog.")
+    ap.add_argument("spec", nargs="?", help=f"a ConvAI2 *{CONVAI2_SUFFIX}, a DailyDialog {DAILYDIALOG_PREFIX}*.txt, "
+                                            "a .jsonl, or demo: print its stats")
+    ap.add_argument("--download", choices=sorted(DOWNLOADS), help="fetch a data set into --dir")
+    ap.add_argument("--dir", help=f"where --download writes the files the loaders read (ConvAI2: *{CONVAI2_SUFFIX}; "
+                                  f"DailyDialog: {', '.join(DAILYDIALOG_FILES)})")
+    ap.add_argument("--url", help="archive URL (default: the official one: ParlAI's convai2_fix_723.tgz, "
+                                  "ijcnlp_dailydialog.zip)")
+    ap.add_argument("--sha256", help="expected sha256 of the archive at --url (default: known for the official "
+                                     "URL, none for a custom URL, which then is only checked to be a valid archive)")
     args = ap.parse_args(argv)
     if args.download:
         if not args.dir:
             ap.error("--download needs --dir DIR")
-        sha256 = args.sha256 or (CONVAI2_SHA256 if args.url == CONVAI2_URL else None)
-        if sha256 is None:
-            print(f"no --sha256 for {args.url}: checking only that it is a valid tar.gz", file=sys.stderr)
+        if args.url and args.url != DOWNLOADS[args.download][0] and not args.sha256:
+            print(f"no --sha256 for {args.url}: checking only that it is a valid archive", file=sys.stderr)
         try:
-            paths = download_convai2(args.dir, args.url, sha256)
+            paths = download(args.download, args.dir, args.url, args.sha256)
             for p in paths:
-                s = stats(load_convai2(p))
+                s = stats(load_examples(p))
                 print(f"wrote {p}: {s['dialogues']} dialogues, {s['examples']} examples")
         except DataError as e:
             sys.exit(f"error: {e}")
@@ -551,7 +640,7 @@ def main(argv=None):
               f"{s['mean_turns']:.2f} turns per dialogue (max {s['max_turn']}), "
               f"{s['mean_persona']:.2f} persona sentences per example")
     else:
-        ap.error("give a data FILE (or demo) to print its stats, or --download convai2 --dir DIR")
+        ap.error("give a data FILE (or demo) to print its stats, or --download convai2|dailydialog --dir DIR")
 
 
 if __name__ == "__main__":

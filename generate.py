@@ -1,7 +1,7 @@
 """Decode with a trained SPT checkpoint: the retriever picks a prompt per context (Eq. 7), the frozen
 LLM continues the prompted context greedily (default, as the authors decode) or with top-p sampling.
 
-    python generate.py --ckpt runs/spt --data convai2/valid_self_original_no_cands.txt --holdout 100
+    python generate.py --ckpt runs/spt --data convai2/valid_self_original_no_cands.txt --holdout 100 [--bertscore]
     python generate.py --ckpt runs/spt --chat --persona "i love hiking." --persona "i have two dogs."
 
 Evaluation writes a JSONL of predictions (OUT/predictions.jsonl) and prints the Table-1 style report.
@@ -207,7 +207,7 @@ def evaluate(llm, tok, spt, config, args):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
     print(f"{len(records)} predictions in {time.time() - start:.0f}s -> {out}")
-    print(metrics.report(records, spt.num_prompts))
+    print(metrics.report(records, spt.num_prompts, bertscore=args.bertscore))
 
 
 def chat(llm, tok, spt, config, args):
@@ -252,11 +252,15 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help="override the base model named in the checkpoint (must have the same embedding width)")
     p.add_argument("--data", default=None,
-                   help="evaluate on this data (ConvAI2 .txt, .jsonl or 'demo'); default: the checkpoint's training data")
+                   help="evaluate on this data (ConvAI2 .txt, DailyDialog dialogues_*.txt, .jsonl or 'demo'); "
+                        "default: the checkpoint's training data")
     p.add_argument("--holdout", type=int, default=None,
                    help="evaluate on the LAST N dialogues of --data (default: the checkpoint's --holdout; 0 = all)")
     p.add_argument("--max-examples", type=int, default=0, help="evaluate on the first N examples only (0: all)")
     p.add_argument("--out", default=None, help="predictions JSONL (default: CKPT/predictions.jsonl)")
+    p.add_argument("--bertscore", action="store_true",
+                   help=f"add BERTScore F1/P/R to the report, with {metrics.BERTSCORE_MODEL} as the paper "
+                        f"(needs {metrics.BERTSCORE_INSTALL}; downloads the model into the Hugging Face cache once)")
     p.add_argument("--chat", action="store_true",
                    help="talk to the model in the terminal instead of evaluating; its decoding defaults: "
                         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in CHAT_DECODING.items()))

@@ -1,9 +1,9 @@
 """
 Evaluation of generated responses (paper 4.3, 5.2, 5.7): unigram F1, corpus BLEU-4, ROUGE-1/2/L,
-DIST-1/2, BLEU overlap with the persona (Table 5), BERTScore when available offline, prompt usage
-by conversation turn (Figure 2) and a Table-1-style report.
+DIST-1/2, BLEU overlap with the persona (Table 5), BERTScore F1/P/R on request, prompt usage by
+conversation turn (Figure 2) and a Table-1-style report.
 
-    python metrics.py predictions.jsonl [--plot usage.png]
+    python metrics.py predictions.jsonl [--plot usage.png] [--bertscore]
     python metrics.py --compare baseline.jsonl new.jsonl
 
 A predictions file has one JSON record per line, as generate.py writes them:
@@ -22,8 +22,13 @@ from collections import Counter
 
 from nltk.translate.bleu_score import corpus_bleu
 
+# BERTScore as the authors computed it: bert_score's BERTScorer(model_type="microsoft/deberta-xlarge-mnli") and
+# .score(preds, refs, batch_size=64) (hqsiswiliam/SPT, evaluate_runs_results.py lines 17 and 79), so its defaults
+# hold: layer 40 (bert_score's model2layers for this model), no idf, no baseline rescaling.
 BERTSCORE_MODEL = "microsoft/deberta-xlarge-mnli"  # the paper's choice (4.3)
-BERTSCORE_LAYER = 40  # the layer bert_score uses by default for that model
+BERTSCORE_LAYER = 40
+BERTSCORE_MAX_TOKENS = 512  # what transformers 4.30 (the authors' env.yml) gave this model's tokenizer
+BERTSCORE_INSTALL = "pip install -r requirements-bertscore.txt"
 
 # -----------------------------------------------------------------------------
 # unigram F1 (ParlAI's, the usual one for ConvAI2)
@@ -149,26 +154,45 @@ def distinct_n(predictions, n):
     return 100.0 * len(counts) / total if total else 0.0
 
 # -----------------------------------------------------------------------------
-# BERTScore, only from local files
+# BERTScore (Table 1's BERT F1 / P / R), with the bert_score package
 
 
 def bert_scores(predictions, references):
-    """BERTScore F1/P/R (0-100) with the paper's model when bert_score and the model are already on
-    this machine; otherwise bertscore None and a bertscore_note saying why. Never downloads."""
+    """BERTScore F1/P/R (0-100) with BERTSCORE_MODEL, downloaded into the Hugging Face cache on first use
+    (llm_loader.hub_folder: a progress bar; a local folder is taken as it is), at BERTSCORE_LAYER, no idf, no
+    baseline rescaling. When it cannot be computed: bertscore None and a one-line bertscore_note saying what to run.
+
+    bert-score 0.3.13 (its last release) fails under transformers 5 in two ways, mended here so that the scores
+    are those it gives under transformers 4: it truncates at the tokenizer's model_max_length, which for a tokenizer
+    config without one (deberta-xlarge-mnli's) is the placeholder 10^30, an OverflowError in transformers 5's
+    tokenizers (capped at BERTSCORE_MAX_TOKENS); and it encodes an empty sentence with a tokenizer method
+    transformers 5 dropped (bert_score scores a pair with an empty side 0, so such pairs get 0 unencoded).
+    """
     try:
         import bert_score
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError as e:
-        return {"bertscore": None, "bertscore_note": f"bert_score cannot be imported ({e}); pip install bert-score"}
+        import huggingface_hub
+        from llm_loader import hub_folder  # here: it imports torch, which the other metrics do without
+    except ImportError:
+        return {"bertscore": None, "bertscore_note": f"bert_score is not installed: {BERTSCORE_INSTALL}"}
     try:
-        model_dir = snapshot_download(BERTSCORE_MODEL, local_files_only=True)
-    except LocalEntryNotFoundError:
-        note = f"{BERTSCORE_MODEL} is not in the local Hugging Face cache; download it to add BERTScore"
+        folder = BERTSCORE_MODEL if os.path.isdir(BERTSCORE_MODEL) else str(hub_folder(BERTSCORE_MODEL))
+    except OSError as e:  # not cached, and offline or the download failed
+        why = ("HF_HUB_OFFLINE=1 forbids downloading it" if huggingface_hub.constants.HF_HUB_OFFLINE
+               else f"downloading it failed ({str(e).split('; ')[0]})")
+        note = (f"{BERTSCORE_MODEL} is not in the Hugging Face cache and {why}: run "
+                f"`python metrics.py --bertscore PREDICTIONS.jsonl` once with network access (HF_HUB_OFFLINE unset)")
         return {"bertscore": None, "bertscore_note": note}
-    p, r, f = bert_score.score(predictions, references, model_type=model_dir, num_layers=BERTSCORE_LAYER)
-    return {"bertscore": 100.0 * f.mean().item(), "bertscore_precision": 100.0 * p.mean().item(),
-            "bertscore_recall": 100.0 * r.mean().item()}
+    scorer = bert_score.BERTScorer(model_type=folder, num_layers=BERTSCORE_LAYER)
+    scorer._tokenizer.model_max_length = min(  # the tokenizer bert_score encodes with (bert-score is pinned)
+scorer._tokenizer.model_max_length, BERTSCORE_MAX_TOKENS)
+    both = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
+    sums = [0.0, 0.0, 0.0]  # P, R, F summed over the pairs; 0 for a pair with an empty side
+    if both:
+        scores = scorer.score([predictions[i] for i in both], [references[i] for i in both], batch_size=64)
+        sums = [s.sum().item() for s in scores]
+    n = len(predictions)
+    return {"bertscore": 100.0 * sums[2] / n, "bertscore_precision": 100.0 * sums[0] / n,
+            "bertscore_recall": 100.0 * sums[1] / n}
 
 # -----------------------------------------------------------------------------
 # all together
@@ -179,9 +203,10 @@ def persona_text(persona):
     return persona if isinstance(persona, str) else " ".join(persona)
 
 
-def compute_metrics(predictions, references, personas=None):
-    """Table 1 metrics of the predictions against the references, and the Table 5 BLEU of the
-    predictions against their persona text when personas (list[str] or str per example) are given."""
+def compute_metrics(predictions, references, personas=None, bertscore=False):
+    """Table 1 metrics of the predictions against the references, the Table 5 BLEU of the predictions
+    against their persona text when personas (list[str] or str per example) are given, and BERTScore
+    when bertscore is True (else a bertscore_note saying how to ask for it)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references; give one reference each")
     if not predictions:
@@ -202,7 +227,9 @@ def compute_metrics(predictions, references, personas=None):
         if len(personas) != n:
             raise ValueError(f"{len(personas)} personas for {n} predictions; give one persona each")
         out["persona_bleu"] = bleu(predictions, [persona_text(p) for p in personas])
-    out.update(bert_scores(predictions, references))
+    out.update(bert_scores(predictions, references) if bertscore else
+               {"bertscore": None, "bertscore_note": f"pass --bertscore to score with {BERTSCORE_MODEL} "
+                                                     "(3 GB, downloaded into the Hugging Face cache once)"})
     return out
 
 # -----------------------------------------------------------------------------
@@ -287,7 +314,8 @@ def plot_prompt_usage(table, path):
 # Table-1-style report
 
 COLUMNS = [("F1", "f1"), ("BLEU", "bleu"), ("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"), ("ROUGE-L", "rougeL"),
-           ("DIST-1", "dist1"), ("DIST-2", "dist2"), ("persona-BLEU", "persona_bleu"), ("BERT-F1", "bertscore")]
+           ("DIST-1", "dist1"), ("DIST-2", "dist2"), ("persona-BLEU", "persona_bleu"), ("BERT-F1", "bertscore"),
+           ("BERT-P", "bertscore_precision"), ("BERT-R", "bertscore_recall")]
 # Table 1's AVG: mean relative change over its metrics; persona-BLEU (Table 5, lower = less parroting) is out
 AVG_KEYS = ["f1", "bleu", "rouge1", "rouge2", "rougeL", "bertscore", "bertscore_precision", "bertscore_recall",
             "dist1", "dist2"]
@@ -375,10 +403,10 @@ def read_predictions(path):
     return records
 
 
-def metrics_of_records(records):
+def metrics_of_records(records, bertscore=False):
     """compute_metrics on the records; persona-BLEU when every record has a persona."""
     personas = [r["persona"] for r in records] if all(r.get("persona") for r in records) else None
-    return compute_metrics([r["prediction"] for r in records], [r["reference"] for r in records], personas)
+    return compute_metrics([r["prediction"] for r in records], [r["reference"] for r in records], personas, bertscore)
 
 
 def usage_of_records(records, k=None):
@@ -391,10 +419,10 @@ def usage_of_records(records, k=None):
     return prompt_usage_by_turn([r["turn"] for r in records], chosen, k)
 
 
-def report(records, k=None, name="predictions"):
+def report(records, k=None, name="predictions", bertscore=False):
     """What `python metrics.py FILE` prints: the Table-1-style row, the prompt usage by turn when the
     records carry chosen_prompt (see usage_of_records for k), and why BERTScore is missing if it is."""
-    result = metrics_of_records(records)
+    result = metrics_of_records(records, bertscore)
     width = max(len(name), 5) + 2
     lines = [table_header(width), table_row(result, name, width)]
     table = usage_of_records(records, k)
@@ -410,6 +438,9 @@ def main(argv=None):
     parser.add_argument("predictions", nargs="?", help="predictions JSONL written by generate.py")
     parser.add_argument("--compare", nargs=2, metavar=("BASE", "NEW"), help="two predictions files: rows and change")
     parser.add_argument("--plot", metavar="FILE.png", help="write the prompt usage by turn plot (Figure 2)")
+    parser.add_argument("--bertscore", action="store_true",
+                        help=f"add BERTScore F1/P/R with {BERTSCORE_MODEL} (needs {BERTSCORE_INSTALL}; "
+                             "downloads the model into the Hugging Face cache on first use)")
     args = parser.parse_args(argv)
     if (args.predictions is None) == (args.compare is None):
         parser.error("give either one predictions file or --compare BASE NEW")
@@ -418,7 +449,7 @@ def main(argv=None):
     try:
         if args.compare:
             base_path, new_path = args.compare
-            base, new = (metrics_of_records(read_predictions(p)) for p in args.compare)
+            base, new = (metrics_of_records(read_predictions(p), args.bertscore) for p in args.compare)
             names = [base_path, new_path, "change"]
             width = max(map(len, names)) + 2
             print(table_header(width))
@@ -429,7 +460,7 @@ def main(argv=None):
                 print(f"BERTScore not computed: {note}")
         else:
             records = read_predictions(args.predictions)
-            print(report(records, name=os.path.basename(args.predictions)))
+            print(report(records, name=os.path.basename(args.predictions), bertscore=args.bertscore))
             if args.plot:
                 table = usage_of_records(records)
                 if table is None:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -455,7 +456,7 @@ def test_target_encoded_apart_when_a_token_spans_the_prompt_end():
 
     tok = MergingTokenizer()
     enc = data.encode_example(make_example([], ["a"], "k l"), tok, 64)
-    assert enc.prompt_ids == [1] + tok.encode("given persona: ; context: Q: a R:")
+    assert enc.prompt_ids == [1] + tok.encode("context: Q: a R:")
     assert enc.target_ids == tok.encode(" k l") + [2]
 
 
@@ -848,6 +849,48 @@ def test_missing_path_message():
         assert part in msg
 
 
+# ----------------------------------------------------------------------------- issue 32: DailyDialog
+
+# A fake DailyDialog file (made-up text) in the release's format: dialogues of 4, 3 and 2 turns, one with a space
+# after its last __eou__, as the release writes some lines.
+FAKE_DAILYDIALOG = ("Hi , Tom . Going out ? __eou__ Yes , to the market . __eou__ "
+                    "Buy me some eggs ? __eou__ Sure . __eou__\n"
+                    "Is this seat taken ? __eou__ No , sit down . __eou__ Thanks . __eou__ \n"
+                    "What time is it ? __eou__ Half past two . __eou__\n")
+
+
+def test_load_dailydialog_hand_checked(tmp_path, capsys):
+    f = write(tmp_path, FAKE_DAILYDIALOG + "\n", "dialogues_text.txt")
+    exs = data.load_examples(str(f))  # a dialogues_*.txt goes to load_dailydialog
+    assert capsys.readouterr().err.strip() == f"{f}: skipped 1 blank lines"
+    assert [(ex.dialogue_id, ex.turn) for ex in exs] == [(0, 1), (0, 2), (1, 1), (2, 1)]  # 2 + 1 + 1 responses
+    a, b, c, d = exs
+    assert (a.persona, a.context, a.response) == ([], ["Hi , Tom . Going out ?"], "Yes , to the market .")
+    assert b.context == ["Hi , Tom . Going out ?", "Yes , to the market .", "Buy me some eggs ?"]
+    assert b.response == "Sure ."
+    assert (c.context, c.response) == (["Is this seat taken ?"], "No , sit down .")  # "Thanks ." answers nothing
+    assert (d.context, d.response) == (["What time is it ?"], "Half past two .")
+    assert data.prompt_text(b) == "context: Q: Hi , Tom . Going out ? R: Yes , to the market . Q: Buy me some eggs ? R:"
+    assert data.stats(exs) == {"dialogues": 3, "examples": 4, "mean_turns": 4 / 3, "max_turn": 2, "mean_persona": 0.0}
+    assert data.load_examples(str(write(tmp_path, FAKE_DAILYDIALOG, "dialogues_train.txt"))) == exs
+
+
+@pytest.mark.parametrize("line, expect", [
+    ("Hello . __eou__ Hi . __eou__ Bye .", "the line ends with 'Bye .', not with __eou__"),
+    ("Hello . __eou__  __eou__ Hi . __eou__", "turn 2 is empty"),
+    ("Hello . __eou__", "only one turn; a dialogue needs a turn and its response"),
+    ("1 your persona: i like tea.", "not with __eou__"),
+])
+def test_dailydialog_malformed_line_is_a_one_line_error_with_its_number(tmp_path, line, expect):
+    f = write(tmp_path, FAKE_DAILYDIALOG + line + "\n", "dialogues_text.txt")
+    with pytest.raises(data.DataError) as e:
+        data.load_examples(str(f))
+    msg = str(e.value)
+    assert msg.startswith(f"{f}:4: ") and expect in msg and "\n" not in msg
+    assert msg.endswith("(expected a DailyDialog dialogues_*.txt file: one dialogue a line, "
+                        "every turn followed by __eou__)")
+
+
 def test_routing_set_is_seeded_and_keeps_kind_and_answer_apart():
     exs = data.routing_examples()
     assert data.load_examples("routing") == exs == data.routing_examples(seed=0)
@@ -881,7 +924,7 @@ def test_template_exact():
     ex = make_example(["i like tea.", "i have a dog."], ["hi", "hello !", "pets ?"], "a dog .")
     assert data.prompt_text(ex) == "given persona: i like tea. i have a dog.; context: Q: hi R: hello ! Q: pets ? R:"
     assert data.target_text(ex) == " a dog ."
-    assert data.prompt_text(make_example([], ["hey"], "yo")) == "given persona: ; context: Q: hey R:"
+    assert data.prompt_text(make_example([], ["hey"], "yo")) == "context: Q: hey R:"  # no persona, no persona part
 
 
 def test_encode_no_truncation_bos_eos():
@@ -1046,9 +1089,9 @@ def test_download_from_local_server(tmp_path):
         assert len(data.load_convai2(out / "valid_self_original_no_cands.txt")) == 3
         assert "2 dialogues, 3 examples" in r.stdout and "MB" in r.stderr
         with pytest.raises(data.DataError, match="sha256 .* expected 00"):
-            data.download_convai2(tmp_path / "o2", f"{base}/fake.tgz", sha256="00")
+            data.download("convai2", tmp_path / "o2", f"{base}/fake.tgz", sha256="00")
         with pytest.raises(data.DataError, match="not a valid tar.gz"):
-            data.download_convai2(tmp_path / "o3", f"{base}/not.tgz", sha256=None)
+            data.download("convai2", tmp_path / "o3", f"{base}/not.tgz")
         assert list((tmp_path / "o3").iterdir()) == []
     finally:
         server.shutdown()
@@ -1065,6 +1108,53 @@ def test_download_offline_message(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "could not download" in r.stderr and "by hand" in r.stderr
     assert f"train_self_original_no_cands.txt and valid_self_original_no_cands.txt from it into {out}/" in r.stderr
+
+
+# ----------------------------------------------------------------------------- issue 32: DailyDialog download
+
+def test_download_dailydialog_from_local_server_and_offline(tmp_path, capsys):
+    """The release's layout: ijcnlp_dailydialog/dialogues_text.txt beside train.zip, validation.zip, test.zip that
+    each hold SPLIT/dialogues_SPLIT.txt; the four dialogue files land flat in --dir, nothing else."""
+    served = tmp_path / "served"
+    served.mkdir()
+    with zipfile.ZipFile(served / "fake.zip", "w") as zf:
+        zf.writestr("ijcnlp_dailydialog/dialogues_text.txt", FAKE_DAILYDIALOG)
+        zf.writestr("ijcnlp_dailydialog/dialogues_act.txt", "1 2 3 4\n")
+        for split in ["train", "validation", "test"]:
+            inner = io.BytesIO()
+            with zipfile.ZipFile(inner, "w") as z:
+                z.writestr(f"{split}/dialogues_{split}.txt", FAKE_DAILYDIALOG.split("\n", 1)[1])
+                z.writestr(f"{split}/dialogues_emotion_{split}.txt", "0 0\n")
+            zf.writestr(f"ijcnlp_dailydialog/{split}.zip", inner.getvalue())
+    (served / "not.zip").write_bytes(b"this is not a zip file")
+    server = _serve(served)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    out = tmp_path / "out"
+    try:
+        data.main(["--download", "dailydialog", "--dir", str(out), "--url", f"{base}/fake.zip"])
+        assert sorted(p.name for p in out.iterdir()) == sorted(data.DAILYDIALOG_FILES)
+        printed = capsys.readouterr().out
+        assert f"wrote {out / 'dialogues_text.txt'}: 3 dialogues, 4 examples" in printed
+        assert f"wrote {out / 'dialogues_test.txt'}: 2 dialogues, 2 examples" in printed
+        with pytest.raises(data.DataError, match="not a valid zip archive"):
+            data.download("dailydialog", tmp_path / "o2", f"{base}/not.zip")
+        with pytest.raises(data.DataError, match="sha256 .* expected 00"):
+            data.download("dailydialog", tmp_path / "o3", f"{base}/fake.zip", sha256="00")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:  # a port with nothing listening: connection refused, like being offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SystemExit) as e:
+        data.main(["--download", "dailydialog", "--dir", str(tmp_path / "o4"),
+                   "--url", f"http://127.0.0.1:{port}/x.zip"])
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: could not download http://127.0.0.1:{port}/x.zip (") and "\n" not in msg
+    assert msg.endswith(f"Put the files there by hand: get http://yanran.li/files/ijcnlp_dailydialog.zip on a machine "
+                        f"with network, and copy ijcnlp_dailydialog/dialogues_text.txt from it (and, for the official "
+                        f"splits, dialogues_train.txt, dialogues_validation.txt and dialogues_test.txt from the "
+                        f"train.zip, validation.zip and test.zip inside it) into {tmp_path / 'o4'}/")
 
 
 # ============================================================================= retriever.py and losses.py: Eq. 1-6
@@ -2078,6 +2168,8 @@ def test_cli_errors_are_one_line_without_traceback(script, flags, expected):
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAVE_BERT_SCORE = importlib.util.find_spec("bert_score") is not None
+BERTSCORE_NOT_ASKED = ("pass --bertscore to score with microsoft/deberta-xlarge-mnli "
+                       "(3 GB, downloaded into the Hugging Face cache once)")
 
 # -----------------------------------------------------------------------------
 # unigram F1
@@ -2227,14 +2319,12 @@ def test_persona_bleu_hand_value():
 # compute_metrics as a whole
 
 
-@pytest.mark.skipif(HAVE_BERT_SCORE, reason="bert_score is installed; the note case cannot be checked here")
 def test_compute_metrics_keys_and_bertscore_note():
     result = metrics.compute_metrics(["hello"], ["hello there"], [["i am tall ."]])
     assert set(result) == {"f1", "bleu", "rouge1", "rouge2", "rougeL", "dist1", "dist2", "persona_bleu",
                            "bertscore", "bertscore_note"}
     assert result["bertscore"] is None
-    note = "bert_score cannot be imported (No module named 'bert_score'); pip install bert-score"
-    assert result["bertscore_note"] == note
+    assert result["bertscore_note"] == BERTSCORE_NOT_ASKED
 
 
 def test_compute_metrics_rejects_bad_lengths():
@@ -2244,6 +2334,93 @@ def test_compute_metrics_rejects_bad_lengths():
         metrics.compute_metrics(["a", "b"], ["a", "b"], [["p"]])
     with pytest.raises(ValueError, match="no predictions"):
         metrics.compute_metrics([], [])
+
+# ----------------------------------------------------------------------------- issue 32: BERTScore
+
+
+def tiny_deberta(folder, model_max_length=None):
+    """A randomly initialised 3-layer DeBERTa and a byte-level BPE tokenizer for it, written to folder as
+    microsoft/deberta-xlarge-mnli is laid out (config.json, weights, vocab.json, merges.txt); like that model's
+    tokenizer_config.json, none states model_max_length unless given."""
+    folder.mkdir()
+    tokens = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"] + sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens += ["Ġt", "he", "Ġthe", "Ġc", "at"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nĠ t\nh e\nĠt he\nĠ c\na t\n")
+    if model_max_length is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": model_max_length}))
+    config = transformers.DebertaConfig(  # deberta-xlarge-mnli's attention settings, tiny sizes
+        vocab_size=len(tokens), hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        relative_attention=True, pos_att_type=["c2p", "p2c"], position_biased_input=False, pad_token_id=3)
+    torch.manual_seed(0)
+    transformers.DebertaModel(config).save_pretrained(folder)
+    return folder
+
+
+def needs_bert_score():
+    if not HAVE_BERT_SCORE:
+        skip_without("bertscore", "bert_score is not installed (pip install -r requirements-bertscore.txt)")
+
+
+BERT_CANDIDATES = ["the cat sat on the mat", "hello there , how are you ?", "", "i like tea .", "the the cat"]
+BERT_REFERENCES = ["the cat sat", "hi , i am fine", "the end", "i do not like coffee", "a cat"]
+
+
+def test_bertscore_equals_bert_score_on_a_tiny_deberta(tmp_path, monkeypatch):
+    """metrics.bert_scores = bert_score.score with the authors' settings (the model's layer, no idf, no baseline
+    rescaling), offline; the paper's model is asked of llm_loader.hub_folder (here, it hands over the tiny
+    DeBERTa). The reference call reads the same model with model_max_length 512 written into its
+    tokenizer config (what transformers 4 gave deberta-xlarge-mnli); an empty candidate scores 0, as bert_score
+    scores it under transformers 4 (under 5 it raises), so the reference averages 0 in for it."""
+    needs_bert_score()
+    import bert_score
+    use_hub(monkeypatch, tmp_path / "hf_home", offline=True)
+    folder, asked = tiny_deberta(tmp_path / "deberta"), []
+    monkeypatch.setattr(llm_loader, "hub_folder", lambda repo_id: asked.append(repo_id) or folder)  # the Hub's copy
+    monkeypatch.setattr(metrics, "BERTSCORE_LAYER", 2)
+    ours = metrics.bert_scores(BERT_CANDIDATES, BERT_REFERENCES)
+    assert asked == ["microsoft/deberta-xlarge-mnli"]
+    both = [i for i, c in enumerate(BERT_CANDIDATES) if c]
+    p, r, f = bert_score.score([BERT_CANDIDATES[i] for i in both], [BERT_REFERENCES[i] for i in both],
+                               model_type=str(tiny_deberta(tmp_path / "deberta512", model_max_length=512)),
+                               num_layers=2, idf=False, rescale_with_baseline=False, batch_size=64)
+    n = len(BERT_CANDIDATES)
+    assert ours == pytest.approx({"bertscore": 100 * f.sum().item() / n, "bertscore_precision": 100 * p.sum().item() / n,
+                                  "bertscore_recall": 100 * r.sum().item() / n}, abs=1e-4)
+    assert len({round(v, 2) for v in ours.values()}) == 3  # P, R and F differ: a swap of two would show
+
+
+def test_bertscore_notes_say_what_to_run(tmp_path, monkeypatch, capsys):
+    """Not asked for, not installed, offline without the model: one line each, naming the command."""
+    monkeypatch.setitem(sys.modules, "bert_score", None)  # import bert_score raises ImportError
+    assert metrics.bert_scores(["a"], ["b"]) == {
+        "bertscore": None, "bertscore_note": "bert_score is not installed: pip install -r requirements-bertscore.txt"}
+    monkeypatch.setitem(sys.modules, "bert_score", SimpleNamespace())  # installed, but the model is not cached
+    use_hub(monkeypatch, tmp_path / "hf_home", offline=True)
+    path = write_jsonl(tmp_path / "base.jsonl", "")
+    metrics.main([path, "--bertscore"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[-4:] == ["-", "-", "-", "-"]
+    assert out[8:] == ["BERTScore not computed: microsoft/deberta-xlarge-mnli is not in the Hugging Face cache and "
+                       "HF_HUB_OFFLINE=1 forbids downloading it: run `python metrics.py --bertscore PREDICTIONS.jsonl` "
+                       "once with network access (HF_HUB_OFFLINE unset)"]
+    metrics.main([path])
+    assert capsys.readouterr().out.splitlines()[8:] == [f"BERTScore not computed: {BERTSCORE_NOT_ASKED}"]
+
+
+def test_generate_report_prints_the_three_bertscore_columns(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    needs_bert_score()
+    use_hub(monkeypatch, tmp_path / "hf_home", offline=True)
+    monkeypatch.setattr(metrics, "BERTSCORE_MODEL", str(tiny_deberta(tmp_path / "deberta")))
+    monkeypatch.setattr(metrics, "BERTSCORE_LAYER", 2)
+    out = tmp_path / "predictions.jsonl"
+    generate.main(["--ckpt", str(tiny_ckpt), "--max-new-tokens", "4", "--max-examples", "3", "--out", str(out),
+                   "--bertscore"])
+    records = read_log(out)
+    expected = metrics.bert_scores([r["prediction"] for r in records], [r["reference"] for r in records])
+    header, row = capsys.readouterr().out.splitlines()[1:3]
+    assert header.split()[-4:] == ["BERT-F1", "BERT-P", "BERT-R", "AVG"]
+    assert row.split()[-4:-1] == [f"{expected[k]:.2f}" for k in ("bertscore", "bertscore_precision", "bertscore_recall")]
 
 # -----------------------------------------------------------------------------
 # agreement with the reference implementations on real data
@@ -2353,10 +2530,12 @@ def test_plot_prompt_usage_writes_png(tmp_path):
 
 def test_table_row_format():
     row = metrics.table_row({"f1": 11.064, "bleu": 2.2, "rouge1": 16.45, "rouge2": 3.6, "rougeL": 15.42,
-                             "dist1": 4.87, "dist2": 17.38, "bertscore": None}, "spt", name_width=5, avg=16.6)
-    assert row.split() == ["spt", "11.06", "2.20", "16.45", "3.60", "15.42", "4.87", "17.38", "-", "-", "+16.60%"]
+                             "dist1": 4.87, "dist2": 17.38, "bertscore": 54.856, "bertscore_precision": 56.23},
+                            "spt", name_width=5, avg=16.6)
+    assert row.split() == ["spt", "11.06", "2.20", "16.45", "3.60", "15.42", "4.87", "17.38", "-", "54.86", "56.23",
+                           "-", "+16.60%"]
     assert metrics.table_header(5).split() == ["model", "F1", "BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "DIST-1",
-                                               "DIST-2", "persona-BLEU", "BERT-F1", "AVG"]
+                                               "DIST-2", "persona-BLEU", "BERT-F1", "BERT-P", "BERT-R", "AVG"]
     assert len(row) == len(metrics.table_header(5))
 
 
@@ -2399,7 +2578,6 @@ def write_jsonl(path, second_prediction):
     return str(path)
 
 
-@pytest.mark.skipif(HAVE_BERT_SCORE, reason="bert_score is installed; the printed BERTScore line differs")
 def test_cli_single_file(tmp_path, capsys):
     path = write_jsonl(tmp_path / "base.jsonl", "")
     metrics.main([path])
@@ -2411,14 +2589,13 @@ def test_cli_single_file(tmp_path, capsys):
     # persona-BLEU: refs "i like big dogs ." (5) + "i am tall ." (4): same precisions, BP = exp(1 - 9/4):
     #   100 * 0.286505 * 0.353553 = 10.13
     assert out[1].split() == ["base.jsonl", "37.50", "21.44", "37.50", "16.67", "37.50", "100.00", "100.00",
-                              "10.13", "-", "-"]
+                              "10.13", "-", "-", "-", "-"]
     assert out[3:8] == ["prompt usage by turn (2 responses)",
                         "turn   sp0   sp1 total",
                         "   1     1     0     1",
                         "   2     0     1     1",
                         "all      1     1     2"]
-    note = "bert_score cannot be imported (No module named 'bert_score'); pip install bert-score"
-    assert out[8] == f"BERTScore not computed: {note}"
+    assert out[8] == f"BERTScore not computed: {BERTSCORE_NOT_ASKED}"
 
 
 def test_report_of_records_in_memory():
@@ -2428,7 +2605,7 @@ def test_report_of_records_in_memory():
     lines = metrics.report(records, k=3).splitlines()
     # same numbers as test_cli_single_file, without persona-BLEU (no persona in the records)
     assert lines[1].split() == ["predictions", "37.50", "21.44", "37.50", "16.67", "37.50", "100.00", "100.00",
-                                "-", "-", "-"]
+                                "-", "-", "-", "-", "-"]
     assert lines[4:7] == ["turn   sp0   sp1   sp2 total", "   1     1     1     0     2",
                           "all      1     1     0     2"]
 
@@ -2444,14 +2621,14 @@ def test_cli_compare(tmp_path, capsys):
     # DIST-1: 5 of 5; DIST-2: 3 of 3
     # persona-BLEU: 1-grams 3/5, the rest as above, c = 5, r = 9: 100 * exp(-0.8) * (1/80)^(1/4) = 15.02
     assert out[1].split() == [base, "37.50", "21.44", "37.50", "16.67", "37.50", "100.00", "100.00",
-                              "10.13", "-", "-"]
+                              "10.13", "-", "-", "-", "-"]
     # changes: F1, R1, RL (70.83 - 37.5) / 37.5 = +88.89%; BLEU (29.4173 - 21.4441) / 21.4441 = +37.18%;
     # R2, DIST +0%; persona-BLEU (15.0242 - 10.1296) / 10.1296 = +48.32% (not in AVG);
     # AVG over F1 BLEU R1 R2 RL DIST-1 DIST-2 = (3 * 88.889 + 37.181 + 0) / 7 = 43.41%
     assert out[2].split() == [new, "70.83", "29.42", "70.83", "16.67", "70.83", "100.00", "100.00",
-                              "15.02", "-", "+43.41%"]
+                              "15.02", "-", "-", "-", "+43.41%"]
     assert out[3].split() == ["change", "+88.89%", "+37.18%", "+88.89%", "+0.00%", "+88.89%", "+0.00%", "+0.00%",
-                              "+48.32%", "-", "+43.41%"]
+                              "+48.32%", "-", "-", "-", "+43.41%"]
 
 
 def test_cli_bad_input_names_file_and_line(tmp_path):

