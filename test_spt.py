@@ -711,6 +711,21 @@ def test_smollm2_greedy_chat_is_english(smollm2):
 
 
 @pytest.mark.slow
+def test_smollm2_trains_in_bf16_within_half_a_percent_of_float32(smollm2, tmp_path, monkeypatch):
+    """One SPT step on the real model in each dtype: the bf16 step ran on bf16 weights (its loss differs) and its
+    loss is within 0.5% of float32's."""
+    flags = ["--model", "smollm2", "--data", "demo", "--max-steps", "1", "--max-len", "128", "--batch-size", "4"]
+    seen, real_forward = [], train.spt_forward
+    monkeypatch.setattr(train, "spt_forward", lambda llm, *args, **kwargs: seen.append(llm.dtype) or real_forward(llm, *args, **kwargs))
+    loss = {}
+    for dtype in ("float32", "bfloat16"):
+        train.train(train.parse_args(flags + ["--dtype", dtype, "--out", str(tmp_path / dtype)]))
+        loss[dtype] = read_log(tmp_path / dtype / "log.jsonl")[0]["loss"]
+    assert seen == [torch.float32, torch.bfloat16]
+    assert loss["bfloat16"] != loss["float32"] and loss["bfloat16"] == pytest.approx(loss["float32"], rel=5e-3)
+
+
+@pytest.mark.slow
 def test_smollm2_matches_transformers_gguf_loading(smollm2):
     path, model, tok = smollm2
     hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -1762,8 +1777,9 @@ def test_grad_checkpoint_flag_recomputes_blocks_and_gives_identical_training(tmp
 
 
 @pytest.mark.slow
-def test_distributed_training_equals_single_process(tmp_path):
-    flags = TINY + ["--max-len", "64", "--max-steps", "3", "--prompt-len", "2"]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_distributed_training_equals_single_process(tmp_path, dtype):
+    flags = TINY + ["--max-len", "64", "--max-steps", "3", "--prompt-len", "2", "--dtype", dtype]
     initial = train.train(train.parse_args(flags + ["--batch-size", "4", "--lr", "0", "--out", str(tmp_path / "initial")]))
     train.train(train.parse_args(flags + ["--batch-size", "4", "--out", str(tmp_path / "one")]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
