@@ -1420,6 +1420,160 @@ def test_contrast_texts_are_contexts_or_personas():
     assert train.contrast_texts(batch, "persona") == [" ".join(e.example.persona) for e in encoded]
 
 
+# ----------------------------------------------------------------------------- issue 35: every loss flag reaches Eq. 6
+
+# A fixed batch (made-up text) on which every setting below changes the loss. Examples 0 and 2 share their
+# dialogue but not their persona, 0 and 1 their persona but not their dialogue, so --contrast-text changes
+# which pairs Eq. 4 calls similar; their context BLEU (0-1: 27, 0-2: 81) lies either side of --gamma 50.
+FLAG_EXAMPLES = [
+    data.Example(["i keep bees."], ["do you have pets ?", "no , i keep bees on my roof .", "what do bees eat ?"],
+                 "nectar from flowers .", 2, 0),
+    data.Example(["i keep bees."], ["how was work today ?", "long , i fix old cars all week .", "which cars do you like ?"],
+                 "red ones with big engines .", 2, 1),
+    data.Example(["i am a retired firefighter."], ["do you have pets ?", "no , i keep bees on my roof .",
+                                                   "what do bees eat ?"], "i do not know .", 2, 2),
+    data.Example(["i love to swim in the sea."], ["hello"], "hi , i just got back from the beach .", 1, 3),
+]
+NOISE_SEED = 35  # seeds the A.8 feedback noise on both sides, so step_loss and the hand call draw the same
+
+# (flag, value, the same setting as losses.total_loss's keywords). To test one more setting, add a row.
+# "texts" and "fusion" are not total_loss keywords: eq6_by_hand turns them into its inputs, as train.py must.
+FLAG_ROWS = [
+    ("--tau-s", "0.5", {"tau_s": 0.5}),
+    ("--tau-g", "0.001", {"tau_g": 0.001}),  # the tiny model's K losses differ by ~0.002: q needs a small tau_g to move
+    ("--gamma", "50", {"threshold": 50.0}),
+    ("--feedback-noise", "0.3", {"feedback_noise": 0.3}),
+    ("--fusion", "score-logits", {"fusion": "score-logits"}),
+    ("--nll-reduction", "mean", {"nll_reduction": "mean"}),
+    ("--contrast-text", "persona", {"texts": "persona"}),
+    ("--lambda-con", "0.5", {"lambda_con": 0.5}),
+    ("--lambda-con", "0", {"lambda_con": 0.0}),
+    ("--lambda-sel", "10", {"lambda_sel": 10.0}),  # L_sel is small here (5e-4): 10 times it moves the total
+    ("--lambda-sel", "0", {"lambda_sel": 0.0}),
+    ("--lambda-fusion", "0.5", {"lambda_fusion": 0.5}),
+    ("--lambda-fusion", "0", {"lambda_fusion": 0.0}),
+    ("--recipe", "authors", {"fusion": "score-logits", "texts": "persona", "nll_reduction": "mean",
+                             "lambda_con": 0.4, "lambda_sel": 0.4}),
+]
+
+
+@pytest.fixture(scope="module")
+def flag_batch():
+    llm, tok = load_llm("tiny")
+    batch = data.collate([data.encode_example(ex, tok, 512) for ex in FLAG_EXAMPLES], tok.pad_id)
+    torch.manual_seed(11)  # a seed whose routing is not trivial: p picks prompts 3, 2, 2, 2 and q 2, 2, 2, 3
+    spt = SPT(4, 2, llm.embed_dim)
+    return llm, spt, batch, eq6_by_hand(llm, spt, batch)[0].item()  # the default's total
+
+
+def eq6_by_hand(llm, spt, batch, texts="context", fusion="prob-mean", **settings):
+    """losses.total_loss on the batch, given the settings as its own keywords (not through train.py's args).
+
+    texts: which texts Eq. 4's BLEU compares ("context" or "persona"); fusion: Eq. 5 ("prob-mean") or the
+    authors' score-weighted logits ("score-logits"). Returns (total, parts, scores, prompt_losses (B, K)).
+    """
+    target_logprobs, scores, fused = train.spt_forward(llm, spt, batch, score_fusion=fusion == "score-logits")
+    texts = batch.context_texts if texts == "context" else [" ".join(ex.persona) for ex in batch.examples]
+    torch.manual_seed(NOISE_SEED)
+    total, parts = losses.total_loss(target_logprobs, batch.target_mask, scores, losses.bleu_matrix(texts),
+                                     fused_logprobs=fused, **settings)
+    return total, parts, scores.detach(), losses.soft_prompt_losses(target_logprobs, batch.target_mask).detach()
+
+
+def routing_by_hand(llm, spt, batch, scores, prompt_losses, tau_g=1.0, tau_s=1.0):
+    """train.routing_stats written out with Python loops: q, p of Eq. 3, their argmaxes, and v_C's cosines."""
+    B, K = scores.shape
+
+    def softmax(row, tau):
+        top = max(row)
+        e = [math.exp((x - top) / tau) for x in row]
+        return [x / sum(e) for x in e]
+
+    q = [softmax([-prompt_losses[b, i].item() for i in range(K)], tau_g) for b in range(B)]
+    p = [softmax([scores[b, i].item() for i in range(K)], tau_s) for b in range(B)]
+    with torch.no_grad():
+        v = [spt.lin_context(llm.embed(batch.context_ids[b][batch.context_mask[b].bool()])).mean(0) for b in range(B)]
+    cosines = [F.cosine_similarity(v[b], v[c], dim=0).item() for b in range(B) for c in range(B) if b != c]
+    return {"q_max": sum(max(row) for row in q) / B, "p_max": sum(max(row) for row in p) / B,
+            "agree": sum(q[b].index(max(q[b])) == p[b].index(max(p[b])) for b in range(B)) / B,
+            "distinct": len({p[b].index(max(p[b])) for b in range(B)}), "vc_cos": sum(cosines) / len(cosines)}
+
+
+def floats(parts):
+    return {name: value.item() for name, value in parts.items()}
+
+
+def test_step_loss_with_default_flags_is_eq6_as_printed(flag_batch):
+    llm, spt, batch, _ = flag_batch
+    total, parts, scores, stats = train.step_loss(llm, spt, batch, train.parse_args(["--model", "tiny"]), 1)
+    expected, expected_parts, expected_scores, prompt_losses = eq6_by_hand(llm, spt, batch)
+    assert total.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert floats(parts) == pytest.approx(floats(expected_parts), abs=1e-5)
+    assert torch.allclose(scores, expected_scores, atol=1e-6)
+    assert stats == pytest.approx(routing_by_hand(llm, spt, batch, expected_scores, prompt_losses), abs=1e-5)
+    assert (stats["agree"], stats["distinct"]) == (0.5, 2)  # routing the by-hand check can tell from a shuffled one
+
+
+@pytest.mark.parametrize("flag, value, setting", FLAG_ROWS, ids=[f"{flag} {value}" for flag, value, _ in FLAG_ROWS])
+def test_each_loss_flag_reaches_step_loss(flag_batch, flag, value, setting):
+    """train.step_loss under the flag equals losses.total_loss called by hand with the same setting, and that
+    differs from the default, so a flag that train.py drops or passes wrongly fails here."""
+    llm, spt, batch, default = flag_batch
+    torch.manual_seed(NOISE_SEED)
+    total, parts, _, stats = train.step_loss(llm, spt, batch, train.parse_args(["--model", "tiny", flag, value]), 1)
+    expected, expected_parts, scores, prompt_losses = eq6_by_hand(llm, spt, batch, **setting)
+    assert abs(expected.item() - default) > 1e-4  # the setting matters on this batch (10x the tolerance below)
+    assert total.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert floats(parts) == pytest.approx(floats(expected_parts), abs=1e-5)
+    temperatures = {name: setting[name] for name in ("tau_g", "tau_s") if name in setting}
+    by_hand = routing_by_hand(llm, spt, batch, scores, prompt_losses, **temperatures)
+    assert stats == pytest.approx(by_hand, rel=1e-4, abs=1e-5)  # rel: tau_g 0.001 scales float32 rounding of L by 1000
+
+
+def test_routing_stats_by_hand():
+    """q_max, p_max, agree, distinct and vc_cos, by value, on scores and losses chosen so that none is trivial:
+    q and p agree on examples 0 and 2 only, p picks prompts 0 and 1."""
+    llm, tok, encoded, batch = tiny_batch(n=4)
+    torch.manual_seed(1)
+    spt = SPT(3, 1, llm.embed_dim)
+    scores = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.1], [0.1, 0.7, 0.4], [0.6, 0.5, 0.0]])
+    prompt_losses = torch.tensor([[1.0, 2.0, 3.0], [2.5, 2.0, 0.5], [3.0, 1.0, 2.0], [2.0, 1.5, 2.2]])
+    args = SimpleNamespace(tau_g=0.5, tau_s=0.25)
+    stats = train.routing_stats(spt, llm, batch, scores, prompt_losses, args)
+    expected = routing_by_hand(llm, spt, batch, scores, prompt_losses, tau_g=0.5, tau_s=0.25)
+    assert expected["agree"] == 0.5 and expected["distinct"] == 2 and 0 < expected["vc_cos"] < 1
+    assert stats == pytest.approx(expected, abs=1e-6)
+
+
+def test_no_prompt_nll_is_the_frozen_llms_own_target_nll():
+    """Each example alone, unpadded, through the full LM head: mean -log p(y_t) over its target tokens (EOS too)."""
+    llm, tok, encoded, _ = tiny_batch(n=5)
+    got = train.no_prompt_nll(llm, list(data.batches(encoded, 2, tok.pad_id, shuffle=False)))  # batches of 2, 2 and 1
+    assert len(got) == 5
+    for e, nll in zip(encoded, got):
+        ids = torch.tensor([e.prompt_ids + e.target_ids])
+        with torch.no_grad():
+            logprobs = llm(input_ids=ids)[0].log_softmax(-1)  # (T, V)
+        P = len(e.prompt_ids)
+        expected = -sum(logprobs[t - 1, ids[0, t]].item() for t in range(P, ids.shape[1])) / len(e.target_ids)
+        assert nll == pytest.approx(expected, abs=1e-5)
+
+
+def test_prompt_init_vocab_copies_rows_of_the_embedding_table(tmp_path):
+    # seed 1: the tiny model's table is drawn from seed 0, so seed 0's Gaussian prompts would be its first rows
+    flags = TINY + ["--max-steps", "1", "--lr", "0", "--batch-size", "2", "--max-len", "64", "--prompt-len", "2",
+                    "--seed", "1"]
+    table = load_llm("tiny")[0].model.embed_tokens.weight
+    copies = {}  # (K * L, V): virtual token j is row v of the table
+    for init in ("vocab", "gaussian"):
+        spt = train.train(train.parse_args(flags + ["--prompt-init", init, "--out", str(tmp_path / init)]))
+        copies[init] = (spt.soft_prompts.detach().reshape(-1, 1, table.shape[1]) == table).all(-1)
+    assert copies["vocab"].any(-1).all() and len(set(copies["vocab"].float().argmax(-1).tolist())) == 8  # 8 rows of it
+    assert not copies["gaussian"].any()  # a standard Gaussian prompt is no row of the table
+
+
+# ----------------------------------------------------------------------------- train.py, continued
+
 def test_authors_recipe_trains_records_its_settings_and_resume_refuses_a_change(tmp_path):
     flags = TINY + ["--max-len", "64", "--recipe", "authors", "--tau-s", "0.5", "--out", str(tmp_path)]
     train.train(train.parse_args(flags + ["--max-steps", "2"]))
