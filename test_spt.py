@@ -1211,6 +1211,23 @@ def test_bleu_matrix_scale_and_diagonal():
     assert bleu[0, 2].item() < 10 and bleu[0, 0].item() == 0.0
 
 
+def test_bleu_matrix_near_gamma_is_smoothed_sentence_bleu():
+    """A partly overlapping pair lands at Gamma = 20: smoothing decides which branch of Eq. 4 it takes."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    ski, swim = "I like to ski in the Alps", "i like to swim in the sea"
+    # ski against swim: 1-grams i like to in the 5/7, 2-grams "i like" "like to" "in the" 3/6, 3-grams "i like to" 1/5,
+    # 4-grams 0/4, which smoothing method 1 counts as 0.1/4; same length, so no brevity penalty. Unsmoothed: 0.
+    by_hand = 100 * (5 / 7 * 3 / 6 * 1 / 5 * 0.1 / 4) ** 0.25
+    reference = 100 * sentence_bleu([swim.split()], ski.lower().split(), smoothing_function=SmoothingFunction().method1)
+    assert by_hand == pytest.approx(20.56, abs=0.01) and reference == pytest.approx(by_hand, abs=1e-9)
+    bleu = losses.bleu_matrix([ski, swim])
+    assert bleu[0, 1].item() == pytest.approx(by_hand, abs=1e-4) and bleu[1, 0].item() == pytest.approx(by_hand, abs=1e-4)
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    cos = F.cosine_similarity(scores[0], scores[1], dim=0).item()
+    assert losses.contrastive_loss(scores, bleu, threshold=20.0).item() == pytest.approx(1 - cos, abs=1e-6)  # similar
+    assert losses.contrastive_loss(scores, bleu, threshold=21.0).item() == pytest.approx(cos, abs=1e-6)  # dissimilar
+
+
 def test_total_loss_is_eq6_sum_and_ablations_drop_terms():
     lp, mask = random_logprobs(3, 4, 6, seed=5)
     scores = torch.rand(3, 4)
@@ -1223,6 +1240,26 @@ def test_total_loss_is_eq6_sum_and_ablations_drop_terms():
     assert set(parts) == {"nll", "con", "sel", "fusion"}
     total, parts = losses.total_loss(lp[:, :1], mask, lambda_con=0, lambda_sel=0, lambda_fusion=0)  # PT
     assert set(parts) == {"nll"} and total.item() == pytest.approx(losses.soft_prompt_losses(lp[:, :1], mask).mean().item(), abs=1e-6)
+
+
+def test_total_loss_passes_its_settings_to_eq3_and_eq4():
+    """threshold reaches Eq. 4; tau_g, tau_s and feedback_noise reach Eq. 3: each term against its own function
+    called with the setting, and against the default (the same draw of noise on both sides)."""
+    lp, mask = random_logprobs(3, 4, 6, seed=5)
+    scores, prompt_losses = torch.rand(3, 4, generator=torch.Generator().manual_seed(6)), losses.soft_prompt_losses(lp, mask)
+    bleu = torch.tensor([[0, 30, 0], [30, 0, 0], [0, 0, 0]], dtype=torch.float)
+    torch.manual_seed(0)
+    _, parts = losses.total_loss(lp, mask, scores, bleu, tau_g=0.5, threshold=35.0, tau_s=0.25, feedback_noise=0.2)
+    torch.manual_seed(0)
+    sel = losses.selection_loss(scores, prompt_losses, tau_g=0.5, feedback_noise=0.2, tau_s=0.25)
+    assert parts["sel"].item() == pytest.approx(sel.item(), abs=1e-6)
+    assert parts["con"].item() == pytest.approx(losses.contrastive_loss(scores, bleu, threshold=35.0).item(), abs=1e-6)
+    _, default = losses.total_loss(lp, mask, scores, bleu)
+    assert abs(parts["con"] - default["con"]) > 0.1  # pair (0, 1), BLEU 30, is similar at 20 and not at 35
+    for setting in ({"tau_g": 0.5}, {"tau_s": 0.25}, {"feedback_noise": 0.2}):
+        torch.manual_seed(0)
+        _, one = losses.total_loss(lp, mask, scores, bleu, **setting)
+        assert abs(one["sel"] - default["sel"]) > 1e-3, setting
 
 
 def test_retriever_scores_match_eq1_by_hand():
