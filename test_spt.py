@@ -1901,13 +1901,18 @@ def test_selection_is_argmax_of_scores_and_can_be_forced_or_noised():
     llm, tok, encoded, batch = tiny_batch()
     torch.manual_seed(2)
     spt = SPT(4, 1, llm.embed_dim)
+    clean = spt.scores(llm.embed(batch.context_ids), batch.context_mask)  # Eq. 1, (B, K)
     chosen, scores = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask)
-    assert torch.equal(chosen, scores.argmax(-1))
+    assert torch.equal(scores, clean) and torch.equal(chosen, clean.argmax(-1))
     forced, _ = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask, force=2)
     assert forced.tolist() == [2] * len(encoded)
-    noisy, _ = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask, noise=100.0,
-                                       generator=torch.Generator().manual_seed(0))
-    assert not torch.equal(noisy, chosen)
+    for seed in (0, 1):  # A.7: alpha * N(0, 1) from the caller's seeded generator, added before the argmax
+        torch.manual_seed(seed + 10)  # the global stream must play no part
+        noisy, noisy_scores = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask, noise=0.1,
+                                                      generator=torch.Generator().manual_seed(seed))
+        draw = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(noisy, (clean + 0.1 * draw).argmax(-1)) and not torch.equal(noisy, chosen)
+        assert torch.equal(noisy_scores, clean)  # the scores returned are the clean ones
 
 
 def test_top_p_sampling():
@@ -2023,7 +2028,34 @@ def test_chat_samples_by_default_and_evaluation_stays_greedy():
 
 def test_stop_markers_cut_responses():
     assert generate.cut_at_stop("i like dogs . Q: and you") == ("i like dogs .", True)
+    assert generate.cut_at_stop("i like dogs . R: and you") == ("i like dogs .", True)
+    assert generate.cut_at_stop("i like dogs .\nand you") == ("i like dogs .", True)
+    assert generate.cut_at_stop("yes R: no Q: maybe") == ("yes", True)  # the first marker, whichever it is
+    assert generate.cut_at_stop("yes Q: no R: maybe") == ("yes", True)
+    assert generate.cut_at_stop("yes Q: no Q: maybe") == ("yes", True)  # the first of one marker
     assert generate.cut_at_stop("no marker here") == ("no marker here", False)
+
+
+def test_generate_ends_a_response_at_eos_and_at_a_marker():
+    """Greedy decoding of one row, with a tokenizer whose text is the token ids; then the same decoding where
+    one of its tokens is EOS, and where one decodes to " R:": the response is what came before, nothing after."""
+    llm, _ = load_llm("tiny")
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    mask, soft_prompt = torch.ones(1, 9, dtype=torch.long), torch.zeros(1, 1, llm.embed_dim)
+
+    def respond(eos_id=-1, marker=None):
+        text = lambda generated: "".join(" R:" if t == marker else f" {t}" for t in generated)  # noqa: E731
+        tok = SimpleNamespace(eos_id=eos_id, decode=text)
+        (response,) = generate.generate(llm, tok, soft_prompt, ids, mask, max_new_tokens=8)
+        return response
+
+    tokens = [int(t) for t in respond().split()]
+    assert len(tokens) == 8
+    stop = next(t for t in tokens[2:] if t != tokens[0])  # a token in the middle of the answer
+    before = " ".join(map(str, tokens[:tokens.index(stop)]))
+    assert before and len(set(tokens[tokens.index(stop) + 1:]) - {stop}) > 0  # something would come after it
+    assert respond(eos_id=stop) == before
+    assert respond(marker=stop) == before
 
 
 @pytest.mark.slow
