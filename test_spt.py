@@ -5,6 +5,7 @@ Sections follow the files: model.py + llm_loader.py (parity with transformers), 
 the shared ConvAI2 file or the SmolLM2 wheel skip with a message when those are absent.
 Run with -s to see the measured parity numbers.
 """
+import builtins
 import functools
 import hashlib
 import http.server
@@ -2154,7 +2155,21 @@ def test_cli_errors_are_one_line_without_traceback(script, flags, expected):
 # ============================================================================= metrics.py
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-HAVE_BERT_SCORE = importlib.util.find_spec("bert_score") is not None
+
+
+@pytest.fixture
+def uninstalled(monkeypatch):
+    """uninstalled("matplotlib"): from now on, importing it (or a submodule) fails as on a machine without it,
+    so the tests of what metrics.py says then run here too, whether or not it is installed."""
+    real_import = builtins.__import__
+
+    def hide(name):
+        def fake_import(module, *args, **kwargs):
+            if module == name or module.startswith(name + "."):
+                raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+            return real_import(module, *args, **kwargs)
+        monkeypatch.setattr(builtins, "__import__", fake_import)
+    return hide
 
 # -----------------------------------------------------------------------------
 # unigram F1
@@ -2304,8 +2319,8 @@ def test_persona_bleu_hand_value():
 # compute_metrics as a whole
 
 
-@pytest.mark.skipif(HAVE_BERT_SCORE, reason="bert_score is installed; the note case cannot be checked here")
-def test_compute_metrics_keys_and_bertscore_note():
+def test_compute_metrics_keys_and_bertscore_note(uninstalled):
+    uninstalled("bert_score")
     result = metrics.compute_metrics(["hello"], ["hello there"], [["i am tall ."]])
     assert set(result) == {"f1", "bleu", "rouge1", "rouge2", "rougeL", "dist1", "dist2", "persona_bleu",
                            "bertscore", "bertscore_note"}
@@ -2409,8 +2424,8 @@ def test_routing_purity_by_hand():
         metrics.routing_purity(["a", "b", "c"], [0, 1])
 
 
-@pytest.mark.skipif(HAVE_MATPLOTLIB, reason="matplotlib is installed; the message case cannot be checked")
-def test_plot_prompt_usage_without_matplotlib(tmp_path):
+def test_plot_prompt_usage_without_matplotlib(tmp_path, uninstalled):
+    uninstalled("matplotlib")
     path = tmp_path / "usage.png"
     message = metrics.plot_prompt_usage({1: [1, 0]}, str(path))
     assert message == f"matplotlib is not installed, {path} not written (pip install matplotlib)"
@@ -2476,8 +2491,8 @@ def write_jsonl(path, second_prediction):
     return str(path)
 
 
-@pytest.mark.skipif(HAVE_BERT_SCORE, reason="bert_score is installed; the printed BERTScore line differs")
-def test_cli_single_file(tmp_path, capsys):
+def test_cli_single_file(tmp_path, capsys, uninstalled):
+    uninstalled("bert_score")
     path = write_jsonl(tmp_path / "base.jsonl", "")
     metrics.main([path])
     out = capsys.readouterr().out.splitlines()
@@ -2557,8 +2572,8 @@ def test_cli_bad_input_names_file_and_line(tmp_path):
     assert str(e.value.code) == f"metrics.py: {no_usage} has no chosen_prompt in every record; nothing to plot"
 
 
-@pytest.mark.skipif(HAVE_MATPLOTLIB, reason="matplotlib is installed; the message case cannot be checked")
-def test_cli_plot_without_matplotlib(tmp_path, capsys):
+def test_cli_plot_without_matplotlib(tmp_path, capsys, uninstalled):
+    uninstalled("matplotlib")
     path = write_jsonl(tmp_path / "base.jsonl", "")
     png = tmp_path / "usage.png"
     metrics.main([path, "--plot", str(png)])
