@@ -1763,7 +1763,15 @@ def test_distributed_nan_on_one_rank_stops_all_and_noise_differs_by_rank(tmp_pat
     assert done.returncode != 0 and done.stderr.count(message) == 2, done.stderr[-3000:]  # both ranks say it
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
     assert state["step"] == 2 and len(state["rng"]) == 2
-    assert not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])  # A.8 noise drawn from per-rank streams
+    for rank in range(2):  # A.8 noise: rank r draws from its own stream, seed 0 + r, one (B, K) = (2, 4) draw a step
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rank)
+            fresh = torch.get_rng_state()
+            torch.randn(2, 4), torch.randn(2, 4)
+            drawn = torch.get_rng_state()
+        assert not torch.equal(state["rng"][rank]["cpu"], fresh), f"rank {rank} drew no noise"
+        assert torch.equal(state["rng"][rank]["cpu"], drawn), f"rank {rank} drew other than 2 steps of noise"
+    assert not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])
 
 
 def test_grad_accum_equals_one_batch_of_twice_the_size(tmp_path):
