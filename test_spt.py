@@ -5,6 +5,7 @@ Sections follow the files: model.py + llm_loader.py (parity with transformers), 
 the shared ConvAI2 file or the SmolLM2 wheel skip with a message when those are absent.
 Run with -s to see the measured parity numbers.
 """
+import builtins
 import functools
 import hashlib
 import http.server
@@ -1316,6 +1317,23 @@ def test_bleu_matrix_scale_and_diagonal():
     assert bleu[0, 2].item() < 10 and bleu[0, 0].item() == 0.0
 
 
+def test_bleu_matrix_near_gamma_is_smoothed_sentence_bleu():
+    """A partly overlapping pair lands at Gamma = 20: smoothing decides which branch of Eq. 4 it takes."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    ski, swim = "I like to ski in the Alps", "i like to swim in the sea"
+    # ski against swim: 1-grams i like to in the 5/7, 2-grams "i like" "like to" "in the" 3/6, 3-grams "i like to" 1/5,
+    # 4-grams 0/4, which smoothing method 1 counts as 0.1/4; same length, so no brevity penalty. Unsmoothed: 0.
+    by_hand = 100 * (5 / 7 * 3 / 6 * 1 / 5 * 0.1 / 4) ** 0.25
+    reference = 100 * sentence_bleu([swim.split()], ski.lower().split(), smoothing_function=SmoothingFunction().method1)
+    assert by_hand == pytest.approx(20.56, abs=0.01) and reference == pytest.approx(by_hand, abs=1e-9)
+    bleu = losses.bleu_matrix([ski, swim])
+    assert bleu[0, 1].item() == pytest.approx(by_hand, abs=1e-4) and bleu[1, 0].item() == pytest.approx(by_hand, abs=1e-4)
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    cos = F.cosine_similarity(scores[0], scores[1], dim=0).item()
+    assert losses.contrastive_loss(scores, bleu, threshold=20.0).item() == pytest.approx(1 - cos, abs=1e-6)  # similar
+    assert losses.contrastive_loss(scores, bleu, threshold=21.0).item() == pytest.approx(cos, abs=1e-6)  # dissimilar
+
+
 def test_total_loss_is_eq6_sum_and_ablations_drop_terms():
     lp, mask = random_logprobs(3, 4, 6, seed=5)
     scores = torch.rand(3, 4)
@@ -1328,6 +1346,26 @@ def test_total_loss_is_eq6_sum_and_ablations_drop_terms():
     assert set(parts) == {"nll", "con", "sel", "fusion"}
     total, parts = losses.total_loss(lp[:, :1], mask, lambda_con=0, lambda_sel=0, lambda_fusion=0)  # PT
     assert set(parts) == {"nll"} and total.item() == pytest.approx(losses.soft_prompt_losses(lp[:, :1], mask).mean().item(), abs=1e-6)
+
+
+def test_total_loss_passes_its_settings_to_eq3_and_eq4():
+    """threshold reaches Eq. 4; tau_g, tau_s and feedback_noise reach Eq. 3: each term against its own function
+    called with the setting, and against the default (the same draw of noise on both sides)."""
+    lp, mask = random_logprobs(3, 4, 6, seed=5)
+    scores, prompt_losses = torch.rand(3, 4, generator=torch.Generator().manual_seed(6)), losses.soft_prompt_losses(lp, mask)
+    bleu = torch.tensor([[0, 30, 0], [30, 0, 0], [0, 0, 0]], dtype=torch.float)
+    torch.manual_seed(0)
+    _, parts = losses.total_loss(lp, mask, scores, bleu, tau_g=0.5, threshold=35.0, tau_s=0.25, feedback_noise=0.2)
+    torch.manual_seed(0)
+    sel = losses.selection_loss(scores, prompt_losses, tau_g=0.5, feedback_noise=0.2, tau_s=0.25)
+    assert parts["sel"].item() == pytest.approx(sel.item(), abs=1e-6)
+    assert parts["con"].item() == pytest.approx(losses.contrastive_loss(scores, bleu, threshold=35.0).item(), abs=1e-6)
+    _, default = losses.total_loss(lp, mask, scores, bleu)
+    assert abs(parts["con"] - default["con"]) > 0.1  # pair (0, 1), BLEU 30, is similar at 20 and not at 35
+    for setting in ({"tau_g": 0.5}, {"tau_s": 0.25}, {"feedback_noise": 0.2}):
+        torch.manual_seed(0)
+        _, one = losses.total_loss(lp, mask, scores, bleu, **setting)
+        assert abs(one["sel"] - default["sel"]) > 1e-3, setting
 
 
 def test_retriever_scores_match_eq1_by_hand():
@@ -1670,6 +1708,160 @@ def test_contrast_texts_are_contexts_or_personas():
     assert train.contrast_texts(batch, "persona") == [" ".join(e.example.persona) for e in encoded]
 
 
+# ----------------------------------------------------------------------------- issue 35: every loss flag reaches Eq. 6
+
+# A fixed batch (made-up text) on which every setting below changes the loss. Examples 0 and 2 share their
+# dialogue but not their persona, 0 and 1 their persona but not their dialogue, so --contrast-text changes
+# which pairs Eq. 4 calls similar; their context BLEU (0-1: 27, 0-2: 81) lies either side of --gamma 50.
+FLAG_EXAMPLES = [
+    data.Example(["i keep bees."], ["do you have pets ?", "no , i keep bees on my roof .", "what do bees eat ?"],
+                 "nectar from flowers .", 2, 0),
+    data.Example(["i keep bees."], ["how was work today ?", "long , i fix old cars all week .", "which cars do you like ?"],
+                 "red ones with big engines .", 2, 1),
+    data.Example(["i am a retired firefighter."], ["do you have pets ?", "no , i keep bees on my roof .",
+                                                   "what do bees eat ?"], "i do not know .", 2, 2),
+    data.Example(["i love to swim in the sea."], ["hello"], "hi , i just got back from the beach .", 1, 3),
+]
+NOISE_SEED = 35  # seeds the A.8 feedback noise on both sides, so step_loss and the hand call draw the same
+
+# (flag, value, the same setting as losses.total_loss's keywords). To test one more setting, add a row.
+# "texts" and "fusion" are not total_loss keywords: eq6_by_hand turns them into its inputs, as train.py must.
+FLAG_ROWS = [
+    ("--tau-s", "0.5", {"tau_s": 0.5}),
+    ("--tau-g", "0.001", {"tau_g": 0.001}),  # the tiny model's K losses differ by ~0.002: q needs a small tau_g to move
+    ("--gamma", "50", {"threshold": 50.0}),
+    ("--feedback-noise", "0.3", {"feedback_noise": 0.3}),
+    ("--fusion", "score-logits", {"fusion": "score-logits"}),
+    ("--nll-reduction", "mean", {"nll_reduction": "mean"}),
+    ("--contrast-text", "persona", {"texts": "persona"}),
+    ("--lambda-con", "0.5", {"lambda_con": 0.5}),
+    ("--lambda-con", "0", {"lambda_con": 0.0}),
+    ("--lambda-sel", "10", {"lambda_sel": 10.0}),  # L_sel is small here (5e-4): 10 times it moves the total
+    ("--lambda-sel", "0", {"lambda_sel": 0.0}),
+    ("--lambda-fusion", "0.5", {"lambda_fusion": 0.5}),
+    ("--lambda-fusion", "0", {"lambda_fusion": 0.0}),
+    ("--recipe", "authors", {"fusion": "score-logits", "texts": "persona", "nll_reduction": "mean",
+                             "lambda_con": 0.4, "lambda_sel": 0.4}),
+]
+
+
+@pytest.fixture(scope="module")
+def flag_batch():
+    llm, tok = load_llm("tiny")
+    batch = data.collate([data.encode_example(ex, tok, 512) for ex in FLAG_EXAMPLES], tok.pad_id)
+    torch.manual_seed(11)  # a seed whose routing is not trivial: p picks prompts 3, 2, 2, 2 and q 2, 2, 2, 3
+    spt = SPT(4, 2, llm.embed_dim)
+    return llm, spt, batch, eq6_by_hand(llm, spt, batch)[0].item()  # the default's total
+
+
+def eq6_by_hand(llm, spt, batch, texts="context", fusion="prob-mean", **settings):
+    """losses.total_loss on the batch, given the settings as its own keywords (not through train.py's args).
+
+    texts: which texts Eq. 4's BLEU compares ("context" or "persona"); fusion: Eq. 5 ("prob-mean") or the
+    authors' score-weighted logits ("score-logits"). Returns (total, parts, scores, prompt_losses (B, K)).
+    """
+    target_logprobs, scores, fused = train.spt_forward(llm, spt, batch, score_fusion=fusion == "score-logits")
+    texts = batch.context_texts if texts == "context" else [" ".join(ex.persona) for ex in batch.examples]
+    torch.manual_seed(NOISE_SEED)
+    total, parts = losses.total_loss(target_logprobs, batch.target_mask, scores, losses.bleu_matrix(texts),
+                                     fused_logprobs=fused, **settings)
+    return total, parts, scores.detach(), losses.soft_prompt_losses(target_logprobs, batch.target_mask).detach()
+
+
+def routing_by_hand(llm, spt, batch, scores, prompt_losses, tau_g=1.0, tau_s=1.0):
+    """train.routing_stats written out with Python loops: q, p of Eq. 3, their argmaxes, and v_C's cosines."""
+    B, K = scores.shape
+
+    def softmax(row, tau):
+        top = max(row)
+        e = [math.exp((x - top) / tau) for x in row]
+        return [x / sum(e) for x in e]
+
+    q = [softmax([-prompt_losses[b, i].item() for i in range(K)], tau_g) for b in range(B)]
+    p = [softmax([scores[b, i].item() for i in range(K)], tau_s) for b in range(B)]
+    with torch.no_grad():
+        v = [spt.lin_context(llm.embed(batch.context_ids[b][batch.context_mask[b].bool()])).mean(0) for b in range(B)]
+    cosines = [F.cosine_similarity(v[b], v[c], dim=0).item() for b in range(B) for c in range(B) if b != c]
+    return {"q_max": sum(max(row) for row in q) / B, "p_max": sum(max(row) for row in p) / B,
+            "agree": sum(q[b].index(max(q[b])) == p[b].index(max(p[b])) for b in range(B)) / B,
+            "distinct": len({p[b].index(max(p[b])) for b in range(B)}), "vc_cos": sum(cosines) / len(cosines)}
+
+
+def floats(parts):
+    return {name: value.item() for name, value in parts.items()}
+
+
+def test_step_loss_with_default_flags_is_eq6_as_printed(flag_batch):
+    llm, spt, batch, _ = flag_batch
+    total, parts, scores, stats = train.step_loss(llm, spt, batch, train.parse_args(["--model", "tiny"]), 1)
+    expected, expected_parts, expected_scores, prompt_losses = eq6_by_hand(llm, spt, batch)
+    assert total.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert floats(parts) == pytest.approx(floats(expected_parts), abs=1e-5)
+    assert torch.allclose(scores, expected_scores, atol=1e-6)
+    assert stats == pytest.approx(routing_by_hand(llm, spt, batch, expected_scores, prompt_losses), abs=1e-5)
+    assert (stats["agree"], stats["distinct"]) == (0.5, 2)  # routing the by-hand check can tell from a shuffled one
+
+
+@pytest.mark.parametrize("flag, value, setting", FLAG_ROWS, ids=[f"{flag} {value}" for flag, value, _ in FLAG_ROWS])
+def test_each_loss_flag_reaches_step_loss(flag_batch, flag, value, setting):
+    """train.step_loss under the flag equals losses.total_loss called by hand with the same setting, and that
+    differs from the default, so a flag that train.py drops or passes wrongly fails here."""
+    llm, spt, batch, default = flag_batch
+    torch.manual_seed(NOISE_SEED)
+    total, parts, _, stats = train.step_loss(llm, spt, batch, train.parse_args(["--model", "tiny", flag, value]), 1)
+    expected, expected_parts, scores, prompt_losses = eq6_by_hand(llm, spt, batch, **setting)
+    assert abs(expected.item() - default) > 1e-4  # the setting matters on this batch (10x the tolerance below)
+    assert total.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert floats(parts) == pytest.approx(floats(expected_parts), abs=1e-5)
+    temperatures = {name: setting[name] for name in ("tau_g", "tau_s") if name in setting}
+    by_hand = routing_by_hand(llm, spt, batch, scores, prompt_losses, **temperatures)
+    assert stats == pytest.approx(by_hand, rel=1e-4, abs=1e-5)  # rel: tau_g 0.001 scales float32 rounding of L by 1000
+
+
+def test_routing_stats_by_hand():
+    """q_max, p_max, agree, distinct and vc_cos, by value, on scores and losses chosen so that none is trivial:
+    q and p agree on examples 0 and 2 only, p picks prompts 0 and 1."""
+    llm, tok, encoded, batch = tiny_batch(n=4)
+    torch.manual_seed(1)
+    spt = SPT(3, 1, llm.embed_dim)
+    scores = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.1], [0.1, 0.7, 0.4], [0.6, 0.5, 0.0]])
+    prompt_losses = torch.tensor([[1.0, 2.0, 3.0], [2.5, 2.0, 0.5], [3.0, 1.0, 2.0], [2.0, 1.5, 2.2]])
+    args = SimpleNamespace(tau_g=0.5, tau_s=0.25)
+    stats = train.routing_stats(spt, llm, batch, scores, prompt_losses, args)
+    expected = routing_by_hand(llm, spt, batch, scores, prompt_losses, tau_g=0.5, tau_s=0.25)
+    assert expected["agree"] == 0.5 and expected["distinct"] == 2 and 0 < expected["vc_cos"] < 1
+    assert stats == pytest.approx(expected, abs=1e-6)
+
+
+def test_no_prompt_nll_is_the_frozen_llms_own_target_nll():
+    """Each example alone, unpadded, through the full LM head: mean -log p(y_t) over its target tokens (EOS too)."""
+    llm, tok, encoded, _ = tiny_batch(n=5)
+    got = train.no_prompt_nll(llm, list(data.batches(encoded, 2, tok.pad_id, shuffle=False)))  # batches of 2, 2 and 1
+    assert len(got) == 5
+    for e, nll in zip(encoded, got):
+        ids = torch.tensor([e.prompt_ids + e.target_ids])
+        with torch.no_grad():
+            logprobs = llm(input_ids=ids)[0].log_softmax(-1)  # (T, V)
+        P = len(e.prompt_ids)
+        expected = -sum(logprobs[t - 1, ids[0, t]].item() for t in range(P, ids.shape[1])) / len(e.target_ids)
+        assert nll == pytest.approx(expected, abs=1e-5)
+
+
+def test_prompt_init_vocab_copies_rows_of_the_embedding_table(tmp_path):
+    # seed 1: the tiny model's table is drawn from seed 0, so seed 0's Gaussian prompts would be its first rows
+    flags = TINY + ["--max-steps", "1", "--lr", "0", "--batch-size", "2", "--max-len", "64", "--prompt-len", "2",
+                    "--seed", "1"]
+    table = load_llm("tiny")[0].model.embed_tokens.weight
+    copies = {}  # (K * L, V): virtual token j is row v of the table
+    for init in ("vocab", "gaussian"):
+        spt = train.train(train.parse_args(flags + ["--prompt-init", init, "--out", str(tmp_path / init)]))
+        copies[init] = (spt.soft_prompts.detach().reshape(-1, 1, table.shape[1]) == table).all(-1)
+    assert copies["vocab"].any(-1).all() and len(set(copies["vocab"].float().argmax(-1).tolist())) == 8  # 8 rows of it
+    assert not copies["gaussian"].any()  # a standard Gaussian prompt is no row of the table
+
+
+# ----------------------------------------------------------------------------- train.py, continued
+
 def test_authors_recipe_trains_records_its_settings_and_resume_refuses_a_change(tmp_path):
     flags = TINY + ["--max-len", "64", "--recipe", "authors", "--tau-s", "0.5", "--out", str(tmp_path)]
     train.train(train.parse_args(flags + ["--max-steps", "2"]))
@@ -1822,7 +2014,15 @@ def test_distributed_nan_on_one_rank_stops_all_and_noise_differs_by_rank(tmp_pat
     assert done.returncode != 0 and done.stderr.count(message) == 2, done.stderr[-3000:]  # both ranks say it
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
     assert state["step"] == 2 and len(state["rng"]) == 2
-    assert not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])  # A.8 noise drawn from per-rank streams
+    for rank in range(2):  # A.8 noise: rank r draws from its own stream, seed 0 + r, one (B, K) = (2, 4) draw a step
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rank)
+            fresh = torch.get_rng_state()
+            torch.randn(2, 4), torch.randn(2, 4)
+            drawn = torch.get_rng_state()
+        assert not torch.equal(state["rng"][rank]["cpu"], fresh), f"rank {rank} drew no noise"
+        assert torch.equal(state["rng"][rank]["cpu"], drawn), f"rank {rank} drew other than 2 steps of noise"
+    assert not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])
 
 
 def test_grad_accum_equals_one_batch_of_twice_the_size(tmp_path):
@@ -1961,13 +2161,18 @@ def test_selection_is_argmax_of_scores_and_can_be_forced_or_noised():
     llm, tok, encoded, batch = tiny_batch()
     torch.manual_seed(2)
     spt = SPT(4, 1, llm.embed_dim)
+    clean = spt.scores(llm.embed(batch.context_ids), batch.context_mask)  # Eq. 1, (B, K)
     chosen, scores = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask)
-    assert torch.equal(chosen, scores.argmax(-1))
+    assert torch.equal(scores, clean) and torch.equal(chosen, clean.argmax(-1))
     forced, _ = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask, force=2)
     assert forced.tolist() == [2] * len(encoded)
-    noisy, _ = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask, noise=100.0,
-                                       generator=torch.Generator().manual_seed(0))
-    assert not torch.equal(noisy, chosen)
+    for seed in (0, 1):  # A.7: alpha * N(0, 1) from the caller's seeded generator, added before the argmax
+        torch.manual_seed(seed + 10)  # the global stream must play no part
+        noisy, noisy_scores = generate.select_prompts(llm, spt, batch.context_ids, batch.context_mask, noise=0.1,
+                                                      generator=torch.Generator().manual_seed(seed))
+        draw = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(noisy, (clean + 0.1 * draw).argmax(-1)) and not torch.equal(noisy, chosen)
+        assert torch.equal(noisy_scores, clean)  # the scores returned are the clean ones
 
 
 def test_top_p_sampling():
@@ -2083,7 +2288,34 @@ def test_chat_samples_by_default_and_evaluation_stays_greedy():
 
 def test_stop_markers_cut_responses():
     assert generate.cut_at_stop("i like dogs . Q: and you") == ("i like dogs .", True)
+    assert generate.cut_at_stop("i like dogs . R: and you") == ("i like dogs .", True)
+    assert generate.cut_at_stop("i like dogs .\nand you") == ("i like dogs .", True)
+    assert generate.cut_at_stop("yes R: no Q: maybe") == ("yes", True)  # the first marker, whichever it is
+    assert generate.cut_at_stop("yes Q: no R: maybe") == ("yes", True)
+    assert generate.cut_at_stop("yes Q: no Q: maybe") == ("yes", True)  # the first of one marker
     assert generate.cut_at_stop("no marker here") == ("no marker here", False)
+
+
+def test_generate_ends_a_response_at_eos_and_at_a_marker():
+    """Greedy decoding of one row, with a tokenizer whose text is the token ids; then the same decoding where
+    one of its tokens is EOS, and where one decodes to " R:": the response is what came before, nothing after."""
+    llm, _ = load_llm("tiny")
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    mask, soft_prompt = torch.ones(1, 9, dtype=torch.long), torch.zeros(1, 1, llm.embed_dim)
+
+    def respond(eos_id=-1, marker=None):
+        text = lambda generated: "".join(" R:" if t == marker else f" {t}" for t in generated)  # noqa: E731
+        tok = SimpleNamespace(eos_id=eos_id, decode=text)
+        (response,) = generate.generate(llm, tok, soft_prompt, ids, mask, max_new_tokens=8)
+        return response
+
+    tokens = [int(t) for t in respond().split()]
+    assert len(tokens) == 8
+    stop = next(t for t in tokens[2:] if t != tokens[0])  # a token in the middle of the answer
+    before = " ".join(map(str, tokens[:tokens.index(stop)]))
+    assert before and len(set(tokens[tokens.index(stop) + 1:]) - {stop}) > 0  # something would come after it
+    assert respond(eos_id=stop) == before
+    assert respond(marker=stop) == before
 
 
 @pytest.mark.slow
@@ -2186,6 +2418,21 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAVE_BERT_SCORE = importlib.util.find_spec("bert_score") is not None
 BERTSCORE_NOT_ASKED = ("pass --bertscore to score with microsoft/deberta-xlarge-mnli "
                        "(3 GB, downloaded into the Hugging Face cache once)")
+
+
+@pytest.fixture
+def uninstalled(monkeypatch):
+    """uninstalled("matplotlib"): from now on, importing it (or a submodule) fails as on a machine without it,
+    so the tests of what metrics.py says then run here too, whether or not it is installed."""
+    real_import = builtins.__import__
+
+    def hide(name):
+        def fake_import(module, *args, **kwargs):
+            if module == name or module.startswith(name + "."):
+                raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+            return real_import(module, *args, **kwargs)
+        monkeypatch.setattr(builtins, "__import__", fake_import)
+    return hide
 
 # -----------------------------------------------------------------------------
 # unigram F1
@@ -2525,8 +2772,8 @@ def test_routing_purity_by_hand():
         metrics.routing_purity(["a", "b", "c"], [0, 1])
 
 
-@pytest.mark.skipif(HAVE_MATPLOTLIB, reason="matplotlib is installed; the message case cannot be checked")
-def test_plot_prompt_usage_without_matplotlib(tmp_path):
+def test_plot_prompt_usage_without_matplotlib(tmp_path, uninstalled):
+    uninstalled("matplotlib")
     path = tmp_path / "usage.png"
     message = metrics.plot_prompt_usage({1: [1, 0]}, str(path))
     assert message == f"matplotlib is not installed, {path} not written (pip install matplotlib)"
@@ -2673,8 +2920,8 @@ def test_cli_bad_input_names_file_and_line(tmp_path):
     assert str(e.value.code) == f"metrics.py: {no_usage} has no chosen_prompt in every record; nothing to plot"
 
 
-@pytest.mark.skipif(HAVE_MATPLOTLIB, reason="matplotlib is installed; the message case cannot be checked")
-def test_cli_plot_without_matplotlib(tmp_path, capsys):
+def test_cli_plot_without_matplotlib(tmp_path, capsys, uninstalled):
+    uninstalled("matplotlib")
     path = write_jsonl(tmp_path / "base.jsonl", "")
     png = tmp_path / "usage.png"
     metrics.main([path, "--plot", str(png)])
