@@ -27,21 +27,27 @@ Decoding: greedy, KV cache, a batch of contexts with their retriever-chosen prom
   the median of --decode-repeats runs after a warm-up.
 Efficiency: useful FLOPs of the training step (train_step_flops) per second, as a percentage of the
   matmul rate in the same dtype measured in the same run.
+Host syncs: calls that make the host wait for a CUDA device (SyncCounter), per micro-batch of train.py's
+  own loop (train.train, 4 steps of --batch-size on --model), counted on CPU.
 """
 import argparse
+import collections
 import copy
 import ctypes
 import gc
 import json
 import math
 import multiprocessing
+import os
 import random
 import re
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import warnings
+from contextlib import redirect_stdout
 from functools import partial
 from pathlib import Path
 
@@ -49,6 +55,7 @@ import peft
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.overrides import TorchFunctionMode
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 import data
@@ -293,6 +300,100 @@ def run_in_fresh_process(function, *args):
         return pool.apply(function, args)
 
 
+# ----------------------------------------------------------------------------- host syncs
+
+SYNC_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+              torch.Tensor.__index__, torch.Tensor.__format__, torch.Tensor.numpy, torch.Tensor.cpu}
+SYNC_SHAPES = {torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.Tensor.argwhere, torch.masked_select,
+               torch.Tensor.masked_select, torch.bincount, torch.Tensor.bincount, torch.unique, torch.Tensor.unique,
+               torch.unique_consecutive, torch.repeat_interleave, torch.Tensor.repeat_interleave}
+PROJECT = Path(__file__).resolve().parent
+TORCH = Path(torch.__file__).resolve().parent
+OVERRIDES = torch.overrides.__file__
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts the calls of the project's code that make the host wait for a CUDA device, on any device.
+
+    Such a call reads a tensor's values on the host (SYNC_READS: .item(), .tolist(), int(), float(), bool(),
+    f-strings, .cpu()) or makes a tensor whose size depends on values (SYNC_SHAPES: nonzero, bincount,
+    masked_select, ..., and indexing with a boolean tensor). Counted are only calls made from this
+    project's files (not PyTorch's own, e.g. Adam reading its step count, which lives on the host) and
+    none made inside the functions in `host` (work on host tensors by design). Copies between host and
+    device cannot be seen on CPU, where every tensor is a host tensor. sites: (file:line function) of each.
+    """
+
+    def __init__(self, host=()):
+        super().__init__()
+        self.host = {f.__code__ for f in host}
+        self.sites = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in SYNC_READS or func in SYNC_SHAPES or (func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__)
+                                                           and boolean_index(args[1])):
+            site = self.project_caller()
+            if site:
+                self.sites.append(f"{site} {getattr(func, '__name__', func)}")
+        return func(*args, **(kwargs or {}))
+
+    def project_caller(self):
+        """'file:line' of the project code that made the current call, or None (PyTorch's own call, or host work).
+
+        A call of a Python-level torch function (F.normalize, Tensor.__format__) arrives through
+        torch/overrides.py and that function's own frame; a C function's (.item()) comes straight from its caller.
+        """
+        frame = sys._getframe(2)
+        if frame.f_code.co_filename == OVERRIDES:
+            while frame.f_code.co_filename == OVERRIDES:
+                frame = frame.f_back
+            frame = frame.f_back
+        path = Path(frame.f_code.co_filename).resolve()
+        if not path.is_relative_to(PROJECT) or path.is_relative_to(TORCH):
+            return None
+        site = f"{path.name}:{frame.f_lineno}"
+        while frame is not None:
+            if frame.f_code in self.host:
+                return None
+            frame = frame.f_back
+        return site
+
+
+def boolean_index(index):
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+def count_step_syncs(args):
+    """Host syncs per micro-batch of train.py's own loop, on args' model and data, B = args.batch_size.
+
+    train.train runs 4 steps (logging at steps 1 and 4 only) under a SyncCounter; the calls are split
+    at each step_loss call. Returns {"plain": sites of step 2 (no log line), "logging": sites of step 1}.
+    The data pipeline (train.micro_batches: collate, shard, and what the step needs from the CPU batch)
+    runs on the host by design and is not counted.
+    """
+    torch.set_num_threads(args.threads)
+    counter, marks = SyncCounter(host=[train.micro_batches]), []
+    step_loss = train.step_loss
+
+    def marking_step_loss(*a, **k):
+        marks.append(len(counter.sites))
+        return step_loss(*a, **k)
+
+    spec = args.data if args.data == "demo" or Path(args.data).exists() else "demo"
+    with tempfile.TemporaryDirectory() as out:
+        flags = ["--model", args.model, "--data", spec, "--max-examples", str(5 * args.batch_size), "--batch-size",
+                 str(args.batch_size), "-K", str(args.num_prompts), "-L", str(args.prompt_len), "--max-len", str(args.max_len),
+                 "--max-steps", "4", "--log-every", "1000", "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed),
+                 "--out", out]
+        train.step_loss = marking_step_loss
+        try:
+            with open(os.devnull, "w") as quiet, redirect_stdout(quiet), counter:
+                train.train(train.parse_args(flags))
+        finally:
+            train.step_loss = step_loss
+    return {"logging": counter.sites[marks[0]:marks[1]], "plain": counter.sites[marks[1]:marks[2]]}
+
+
 # ----------------------------------------------------------------------------- efficiency
 
 def train_step_flops(config, batch, num_prompts, prompt_len):
@@ -437,6 +538,11 @@ def main(argv=None):
         print(f"first batch: loss ours {agreement['loss_ours']:.6f}, reference {agreement['loss_reference']:.6f} "
               f"(|diff| {agreement['loss_abs_diff']:.1e}); max |grad diff| "
               + ", ".join(f"{name} {diff:.1e}" for name, diff in agreement["grad_max_abs_diff"].items()))
+        results["syncs"] = syncs = run_in_fresh_process(count_step_syncs, in_dtype["train"])
+        print(f"host syncs per micro-batch of train.py's loop: {len(syncs['plain'])} ({len(syncs['logging'])} on a step that "
+              f"prints its log line); counted on CPU by bench.SyncCounter (reads of tensor values such as .item(), .tolist(), "
+              f"int(), and value-dependent shapes such as nonzero, called by train.py, losses.py, ...; host-device copies "
+              f"are not visible on CPU): " + ", ".join(f"{n} x {site}" for site, n in collections.Counter(syncs["plain"]).items()))
         timed = batches[1:]
         tokens = sum(args.num_prompts * int(b.attention_mask.sum() + b.input_ids.shape[0] * args.prompt_len) for b in timed)
         flops = sum(train_step_flops(c, b, args.num_prompts, args.prompt_len) for b in timed)

@@ -412,8 +412,18 @@ class Batch:
     examples: list[Example]
 
     def to(self, device):
-        return replace(self, **{f.name: getattr(self, f.name).to(device)
+        """The batch with its tensors on device (to_device: a GPU gets them without the host waiting)."""
+        device = torch.device(device)
+        return replace(self, **{f.name: to_device(getattr(self, f.name), device)
                                 for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def to_device(tensor, device):
+    """tensor on device. A host tensor goes to a GPU through pinned memory with non_blocking, so the host
+    queues the copy and goes on; from pageable memory CUDA would wait for the device to finish first."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def collate(encoded, pad_id):

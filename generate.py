@@ -76,6 +76,23 @@ def cut_at_stop(text):
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
+class StreamedText:
+    """A response's text, grown by decoding only its newest tokens (the offsets of vLLM's incremental
+    detokenizer): decode(ids[prefix:]) less decode(ids[prefix:read]), a token of context keeping a word's
+    leading space; nothing is added while the tokens end inside a character (U+FFFD)."""
+
+    def __init__(self):
+        self.text, self.prefix, self.read = "", 0, 0
+
+    def extend(self, tok, ids):
+        """ids: the response's tokens so far, the newest last; returns the text so far."""
+        before, after = tok.decode(ids[self.prefix:self.read]), tok.decode(ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(ids)
+        return self.text
+
+
 def insert_prompts(soft_prompts, token_embeds, mask):
     """Put each row's soft prompt right before its first real token: [pad .., sp_b, tokens_b].
 
@@ -101,8 +118,10 @@ def prefill(llm, embeds, mask, new_tokens=0):
     B, T, E = embeds.shape
     cache = llm.new_kv_cache(initial_capacity=T + new_tokens)
     last_hidden = embeds.new_empty(B, E)  # (B, E) the states the next tokens come from
-    for rows in length_groups(mask.sum(1)):
-        n = int(mask[rows].sum(1).max())
+    lengths = mask.sum(1).cpu()  # one read from the device for the whole grouping
+    for rows in length_groups(lengths):
+        n = int(lengths[rows].max())
+        rows = rows.to(embeds.device)
         part = llm.new_kv_cache()
         hidden = llm(inputs_embeds=embeds[rows, T - n:], attention_mask=mask[rows, T - n:], kv_cache=part, return_hidden=True)
         last_hidden[rows] = hidden[:, -1]
@@ -142,12 +161,14 @@ def generate(llm, tok, soft_prompts, prompt_ids, prompt_mask, max_new_tokens=32,
     soft_prompts (B, L, E) the chosen prompt of each row; prompt_ids, prompt_mask (B, T) left-padded.
     repetition_penalty and no_repeat_ngram_size count the prompt's tokens and the generated ones (penalize_repeats).
     Returns the B response strings (cut at EOS or at the template's next speaker marker).
+    A step reads its B tokens from the device once and decodes only the new ones (StreamedText, to find
+    stop markers); each response is decoded whole once, at the end.
     """
     B = prompt_ids.shape[0]
     with torch.no_grad():
         embeds, mask = insert_prompts(soft_prompts, llm.embed(prompt_ids), prompt_mask)
     generated = [[] for _ in range(B)]
-    texts = [""] * B
+    texts = [StreamedText() for _ in range(B)]
     done = [False] * B
     for token in decode_steps(llm, embeds, mask, max_new_tokens, top_p, temperature, generator,
                               prompt_ids, prompt_mask, repetition_penalty, no_repeat_ngram_size):
@@ -158,10 +179,10 @@ def generate(llm, tok, soft_prompts, prompt_ids, prompt_mask, max_new_tokens=32,
                 done[b] = True
                 continue
             generated[b].append(token_id)
-            texts[b], done[b] = cut_at_stop(tok.decode(generated[b]))
+            done[b] = cut_at_stop(texts[b].extend(tok, generated[b]))[1]
         if all(done):
             break
-    return [text.strip() for text in texts]
+    return [cut_at_stop(tok.decode(ids))[0].strip() for ids in generated]
 
 
 def respond(llm, tok, spt, encoded, args, generator=None):

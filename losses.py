@@ -85,20 +85,24 @@ def contrastive_loss(scores, bleu, threshold=20.0):
     cos = F.cosine_similarity(scores[:, None, :].float(), scores[None, :, :].float(), dim=-1)  # (B, B)
     similar = bleu.to(cos.device) > threshold
     pair_loss = torch.where(similar, 1.0 - cos, cos.clamp(min=0.0))
-    off_diagonal = ~torch.eye(B, dtype=torch.bool, device=cos.device)
-    return pair_loss[off_diagonal].mean()
+    off_diagonal = pair_loss.flatten()[1:].view(B - 1, B + 1)[:, :B].reshape(-1)  # the pairs i != j, row by row
+    return off_diagonal.mean()  # (a boolean mask would pick the same, but makes a GPU report its count to the host)
 
 
-def bleu_matrix(texts):
-    """M of Eq. 4: (B, B) sentence BLEU (0-100, nltk, smoothing method 1), hypothesis i vs reference j."""
+def bleu_matrix(texts, rows=None):
+    """M of Eq. 4: (B, B) sentence BLEU (0-100, nltk, smoothing method 1), hypothesis i vs reference j.
+
+    rows (a range of i) computes only those rows -> (len(rows), B), so processes can share the work.
+    """
     tokens = [text.lower().split() for text in texts]
     smooth = SmoothingFunction().method1
     B = len(texts)
-    bleu = torch.zeros(B, B)
-    for i in range(B):
+    rows = range(B) if rows is None else rows
+    bleu = torch.zeros(len(rows), B)
+    for r, i in enumerate(rows):
         for j in range(B):
             if i != j:
-                bleu[i, j] = 100.0 * sentence_bleu([tokens[j]], tokens[i], smoothing_function=smooth)
+                bleu[r, j] = 100.0 * sentence_bleu([tokens[j]], tokens[i], smoothing_function=smooth)
     return bleu
 
 

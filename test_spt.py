@@ -1481,7 +1481,9 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch, crash):
         patch.setattr(train, name, crashing)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train.train(train.parse_args(flags + ["--out", str(tmp_path / "split")]))
-    assert len(read_log(tmp_path / "split" / "log.jsonl")) == crash_at - 1
+    # records wait on the device until a log line or checkpoint: the log holds the steps up to step 4's checkpoint
+    # (written before it), or up to step 2's (step 3's record goes with the crash; resume would drop it anyway)
+    assert len(read_log(tmp_path / "split" / "log.jsonl")) == {"between checkpoint files": 4, "during a step": 2}[crash]
     assert train.load_checkpoint(tmp_path / "split")[1]["step"] == 2  # the weights generate.py loads are step 2's
     train.train(train.parse_args(flags + ["--out", str(tmp_path / "split"), "--resume"]))
     straight, split = read_log(tmp_path / "straight" / "log.jsonl"), read_log(tmp_path / "split" / "log.jsonl")
@@ -1527,7 +1529,8 @@ def test_checkpoint_restores_cuda_rng_of_every_device_and_grad_scaler(tmp_path, 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_states)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(state))
     spt = SPT(4, 1, 64)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
     train.save_checkpoint(tmp_path, spt, torch.optim.Adam(spt.parameters()), scaler, 5, config, train.rng_states(1))
@@ -2061,6 +2064,121 @@ def test_spt_with_one_prompt_updates_its_prompt_as_pt_does(tmp_path):
     assert moved > 1e-3
     assert (spt.soft_prompts - pt.soft_prompts).abs().max() < 0.01 * moved  # 3 Adam steps of lr 0.01: 0.03 at most
     assert read_log(tmp_path / "spt" / "log.jsonl")[0]["loss"] > 2 * read_log(tmp_path / "pt" / "log.jsonl")[0]["loss"] - 1e-4
+
+
+# ----------------------------------------------------------------------------- issue 34: what a GPU would hit first
+
+def test_routing_stats_are_float32_under_bf16_autocast():
+    llm, tok, encoded, batch = tiny_batch(n=5)
+    torch.manual_seed(0)
+    spt = SPT(4, 1, llm.embed_dim)
+    scores, prompt_losses, args = spt.scores(llm.embed(batch.context_ids), batch.context_mask), torch.rand(5, 4), train.parse_args([])
+    plain = train.routing_stats(spt, llm, batch, scores, prompt_losses, args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the training step's autocast on a GPU
+        under = train.routing_stats(spt, llm, batch, scores, prompt_losses, args)
+    assert all(value.dtype in (torch.float32, torch.long) for value in under.values())
+    assert {k: v.item() for k, v in under.items()} == {k: v.item() for k, v in plain.items()}
+
+
+def test_sync_counter_counts_reads_of_values_and_value_dependent_shapes_of_project_code():
+    x = torch.tensor([3.0, -1.0, 2.0])
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([param])
+    param.grad = torch.ones(2)
+    with bench.SyncCounter() as counter:
+        x[0].item(), int(x[0]), bool(x[1] > 0), x.tolist(), x[x > 0], x.nonzero(), F.normalize(x, dim=0), x + 1
+        optimizer.step()  # Adam reads its step count, a host tensor, with .item(): PyTorch's own, not counted
+    assert [site.split()[1] for site in counter.sites] == ["item", "__int__", "__bool__", "tolist", "__getitem__", "nonzero"]
+    assert counter.sites[0].startswith("test_spt.py:")
+
+
+def test_a_training_step_reads_nothing_from_the_device_until_a_log_line():
+    syncs = bench.count_step_syncs(bench.parse_args(["--quick", "--data", "demo", "--batch-size", "8"]))
+    assert syncs["plain"] == []  # B = 8 on the tiny model: 36 before issue 34
+    assert len(syncs["logging"]) == 3  # the records, the finite check of every process, the usage counts
+
+
+def test_a_non_finite_loss_is_found_at_the_next_check_and_named_by_its_step(tmp_path):
+    args = train.parse_args(TINY + ["--max-steps", "5", "--max-len", "64", "--lr", "1e30", "--save-every", "1000",
+                                    "--out", str(tmp_path)])
+    with pytest.raises(FloatingPointError, match=r"at step (\d+); the last good checkpoint") as error:
+        train.train(args)
+    bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
+    assert bad_step < 5  # found at step 5's check, named by the step it happened in
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == list(range(1, bad_step))
+    assert not (tmp_path / "train_state.pt").exists()
+
+
+def test_bleu_rows_are_the_whole_matrix_rows_and_their_time_is_logged(tmp_path):
+    texts = [data.prompt_text(ex) for ex in data.demo_examples()[:6]]
+    whole = losses.bleu_matrix(texts)
+    assert torch.equal(losses.bleu_matrix(texts, range(2, 4)), whole[2:4])
+    assert torch.equal(train.pair_bleu(texts, 1, torch.device("cpu")), whole)
+    for lambda_con in ("1", "0"):
+        train.train(train.parse_args(TINY + ["--max-steps", "2", "--max-len", "64", "--lambda-con", lambda_con,
+                                             "--out", str(tmp_path / lambda_con)]))
+        seconds = [r["bleu_seconds"] for r in read_log(tmp_path / lambda_con / "log.jsonl")]
+        assert all(s > 0 for s in seconds) if lambda_con == "1" else seconds == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("saved, visible", [(2, 1), (1, 2), (2, 0)])
+def test_resume_on_another_number_of_gpus_restores_the_states_both_have_and_says_so(tmp_path, monkeypatch, capsys,
+                                                                                   saved, visible):
+    args = train.parse_args(TINY + ["--prompt-len", "1"])
+    config = train.checkpoint_config(args, load_llm("tiny")[0], world=1)
+    spt = SPT(4, 1, 64)
+    states = [torch.tensor([i], dtype=torch.uint8) for i in range(saved)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    train.save_checkpoint(tmp_path, spt, torch.optim.Adam(spt.parameters()), torch.amp.GradScaler("cpu"), 3, config,
+                          train.rng_states(1))
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+
+    def set_rng_state(state, device):
+        assert device < visible  # as the real one, which fails for a GPU this machine does not have
+        restored[device] = state.tolist()
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    assert train.resume(tmp_path, spt, torch.optim.Adam(spt.parameters()), torch.amp.GradScaler("cpu"), config, rank=0) == 3
+    assert restored == {i: [i] for i in range(min(saved, visible))}
+    assert capsys.readouterr().out == (f"--resume: the checkpoint has CUDA RNG states of {saved} GPUs and this machine shows "
+                                       f"{visible}: restored {min(saved, visible)}; random draws on any other GPU do not "
+                                       f"continue the saved run\n")
+
+
+@pytest.mark.slow
+def test_distributed_evaluation_runs_on_every_rank_and_equals_one_process(tmp_path):
+    flags = TINY + ["--max-len", "64", "--max-steps", "2", "--prompt-len", "2", "--holdout", "2", "--eval-every", "1",
+                    "--eval-examples", "5", "--batch-size", "2"]  # 3 held-out batches: ranks 0 and 1 evaluate 2 and 1
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                           *flags, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = read_log(tmp_path / "log.jsonl")[-1]
+    llm, tok = load_llm("tiny")
+    spt = train.load_checkpoint(tmp_path)[0]
+    held_out = data.split_by_dialogue(data.demo_examples(), 2, shuffle=False)[1][:5]
+    batches = list(data.batches([data.encode_example(ex, tok, 64) for ex in held_out], 2, tok.pad_id, shuffle=False))
+    assert (record["eval_nll"], record["eval_usage"]) == train.evaluate(llm, spt, batches)
+    assert sum(record["eval_usage"]) == 5
+
+
+@pytest.mark.parametrize("kind", ["tiny_bytes", "byte_level_bpe", "llama2_sentencepiece"])
+def test_streamed_text_is_the_whole_decode_of_every_prefix(tmp_path, kind):
+    if kind == "tiny_bytes":
+        tok = load_llm("tiny")[1]  # one token per byte: characters split across tokens
+    else:
+        (write_vocab_merges if kind == "byte_level_bpe" else write_llama2_tokenizer_json)(tmp_path)
+        tok = llm_loader.load_hf_tokenizer(tmp_path, {})
+    for text in [" i love hiking. Q: do you?", " café ☕ naïve\nR: ok", *(data.target_text(ex) for ex in data.demo_examples()[:5])]:
+        ids, streamed = tok.encode(text), generate.StreamedText()
+        for n in range(1, len(ids) + 1):
+            whole = tok.decode(ids[:n])
+            so_far = streamed.extend(tok, ids[:n])
+            assert so_far == whole or whole.endswith("\ufffd") and whole.startswith(so_far), (kind, text, n)
+        assert so_far == tok.decode(ids)
 
 
 def test_batched_decoding_equals_one_by_one():

@@ -10,12 +10,14 @@ All K prompts run through the LLM in ONE forward of K*B sequences, and the LM he
 only at target positions. Checkpoints hold the trainable parts only (safetensors + JSON).
 """
 import argparse
+import itertools
 import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -110,7 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-examples", type=int, default=200, help="held-out examples used by --eval-every")
     p.add_argument("--save-every", type=int, default=100, help="write a checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
-    p.add_argument("--log", default=None, help="JSONL file with one object per step (default: OUT/log.jsonl)")
+    p.add_argument("--log", default=None, help="JSONL file with one object per step (default: OUT/log.jsonl), written at "
+                                               "each progress line, evaluation and checkpoint (reading a GPU's numbers waits for it)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     args = p.parse_args(argv)
     for name, value in RECIPES[args.recipe].items():  # a flag given explicitly wins over the recipe
@@ -223,16 +226,17 @@ def log(rank, *message):
 
 # ----------------------------------------------------------------------------- SPT forward
 
-def target_logprobs_from_hidden(llm, hidden, input_ids, target_mask, prompt_len, fusion_scores=None):
+def target_logprobs_from_hidden(llm, hidden, input_ids, target_mask, prompt_len, fusion_scores=None, targets=None):
     """log p(y_t) at the target tokens, with the LM head applied only there.
 
     hidden (K*B, L+T, E) final states of K prompted copies of B sequences; input_ids, target_mask (B, T)
     -> target_logprobs (B, K, T), zero off target, and, when fusion_scores (B, K) are given, the
     authors' score-weighted fused log p(y_t) (B, T) from the same target logits (else None).
+    targets: the (b, t) index tensors (N,), (N,) of the target tokens, if known (else from target_mask).
     """
     B, T = input_ids.shape
     K = hidden.shape[0] // B
-    b_idx, t_idx = target_mask.nonzero(as_tuple=True)  # N target tokens
+    b_idx, t_idx = target_mask.nonzero(as_tuple=True) if targets is None else targets  # N target tokens
     hidden = hidden.view(K, B, prompt_len + T, -1)[:, b_idx, prompt_len + t_idx - 1]  # (K, N, E): states before each target
     logits = llm.lm_head(hidden).float()  # (K, N, V)
     targets = input_ids[b_idx, t_idx]  # (N,)
@@ -249,7 +253,8 @@ def target_logprobs_from_hidden(llm, hidden, input_ids, target_mask, prompt_len,
 def length_groups(lengths, max_padding=0.05):
     """Split examples into groups of similar length whose padding stays under max_padding of their tokens.
 
-    lengths (B,) -> list of index tensors, longest first. Each group is one forward of the LLM; padding
+    lengths (B,) -> list of index tensors, longest first; give host (CPU) lengths, as each comparison
+    here reads a value (on a GPU, a wait for the device). Each group is one forward of the LLM; padding
     is work for nothing, and random batches of dialogue contexts vary in length by 3x or more. A group
     of 50+ token rows already runs its matmuls near the peak rate, so more, smaller groups with less
     padding win: SmolLM2 steps were 7% faster with 5% than with 15%.
@@ -266,28 +271,51 @@ def length_groups(lengths, max_padding=0.05):
     return [torch.tensor(g, device=lengths.device) for g in groups]
 
 
-def spt_forward(llm, spt, batch, score_fusion=False):
+@dataclass
+class LengthGroup:
+    """One forward of the LLM in spt_forward, planned from the host batch so the device is never waited for."""
+    rows: torch.Tensor         # (b,) the batch's rows in this group
+    length: int                # T_group, the longest of them: the group's columns are [:length]
+    target_rows: torch.Tensor  # (N,) each target token's row within the group
+    target_cols: torch.Tensor  # (N,) and its position t
+
+    def to(self, device):
+        return replace(self, **{f.name: data.to_device(getattr(self, f.name), device)
+                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def forward_groups(batch):
+    """The length groups (length_groups) and target positions of a batch; give it the host (CPU) batch."""
+    lengths = batch.attention_mask.sum(1)  # right padding: row b is real up to lengths[b]
+    groups = []
+    for rows in length_groups(lengths):
+        length = int(lengths[rows].max())
+        groups.append(LengthGroup(rows, length, *batch.target_mask[rows, :length].nonzero(as_tuple=True)))
+    return groups
+
+
+def spt_forward(llm, spt, batch, score_fusion=False, groups=None):
     """Algorithm 1, lines 5-9: log p_i(y_t) of all K prompts, and the retriever scores.
 
     The K*B prompted sequences go through the frozen LLM together; rows are only split into groups of
     similar length (all K copies of an example stay in one group) so that padding costs little.
+    groups: forward_groups of the batch, made on the host before the batch moved (else made here).
     Returns target_logprobs (B, K, T), scores (B, K) and, with score_fusion, the authors' fused
     log-probabilities (B, T) (else None). `spt` may be wrapped in DistributedDataParallel: its
     forward returns the soft prompts and the scores.
     """
     prompts, scores = spt(llm.embed(batch.context_ids), batch.context_mask)  # (K, L, E), (B, K)
     token_embeds = llm.embed(batch.input_ids)  # (B, T, E)
-    lengths = batch.attention_mask.sum(1)  # right padding: row b is real up to lengths[b]
     B, T = batch.input_ids.shape
     target_logprobs = token_embeds.new_zeros(B, prompts.shape[0], T, dtype=torch.float32)
     fused_logprobs = token_embeds.new_zeros(B, T, dtype=torch.float32) if score_fusion else None
-    for rows in length_groups(lengths):
-        T_group = int(lengths[rows].max())
+    for group in groups or forward_groups(batch):
+        rows, T_group = group.rows, group.length
         embeds, mask = prompted_inputs(prompts, token_embeds[rows, :T_group], batch.attention_mask[rows, :T_group])
         hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)  # (K*b, L+T_group, E)
         group_logprobs, group_fused = target_logprobs_from_hidden(
             llm, hidden, batch.input_ids[rows, :T_group], batch.target_mask[rows, :T_group], prompts.shape[1],
-            scores[rows] if score_fusion else None)
+            scores[rows] if score_fusion else None, (group.target_rows, group.target_cols))
         target_logprobs[rows, :, :T_group] = group_logprobs
         if score_fusion:
             fused_logprobs[rows, :T_group] = group_fused
@@ -322,9 +350,19 @@ def heldout_nll(llm, spt, eval_batches):
     return nll, chosen
 
 
-def evaluate(llm, spt, eval_batches):
-    """Held-out mean target NLL with the prompt the retriever picks (Eq. 7), and how often each was picked."""
-    nll, chosen = heldout_nll(llm, spt, eval_batches)
+def evaluate(llm, spt, eval_batches, world=1):
+    """Held-out mean target NLL with the prompt the retriever picks (Eq. 7), and how often each was picked.
+
+    Under data parallelism every process evaluates its share, every world-th batch from its rank on, and
+    the shares are gathered in the held-out order, so each gets the single-process result and none waits.
+    """
+    results = [heldout_nll(llm, spt, [batch]) for batch in eval_batches]  # per batch: (nll, chosen)
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, results)
+        results = [shares[i % world][i // world] for i in range(sum(len(share) for share in shares))]
+    nll = [value for batch_nll, _ in results for value in batch_nll]
+    chosen = [pick for _, batch_chosen in results for pick in batch_chosen]
     return sum(nll) / len(nll), torch.bincount(torch.tensor(chosen), minlength=spt.num_prompts).tolist()
 
 
@@ -333,20 +371,24 @@ def contrast_texts(batch, which):
     return batch.context_texts if which == "context" else [" ".join(ex.persona) for ex in batch.examples]
 
 
-def step_loss(llm, spt, batch, args, world):
+def step_loss(llm, spt, batch, args, world, groups=None, pair_texts=None):
     """Eq. 6 on one micro-batch; under data parallelism Eq. 4 pairs span every process's micro-batch.
 
-    Returns (total, parts, scores (B, K) detached, routing stats of routing_stats)."""
-    target_logprobs, scores, fused_logprobs = spt_forward(llm, spt, batch, score_fusion=args.fusion == "score-logits")
-    pair_scores, bleu = scores, None
+    groups: forward_groups of the batch (spt_forward); pair_texts: the texts Eq. 4 compares, of every
+    process's micro-batch in rank order (micro_batches yields them; needed when world > 1).
+    Returns (total, parts, scores (B, K) detached, stats): parts and stats stay on the device
+    (routing_stats), but for stats["bleu_seconds"], the host time Eq. 4's BLEU took.
+    """
+    target_logprobs, scores, fused_logprobs = spt_forward(llm, spt, batch, args.fusion == "score-logits", groups)
+    pair_scores, bleu, bleu_seconds = scores, None, 0.0
     if args.lambda_con:
-        texts = contrast_texts(batch, args.contrast_text)
+        if pair_texts is None and world > 1:
+            raise ValueError("step_loss under data parallelism needs pair_texts, the texts of every process's micro-batch")
+        t_bleu = time.perf_counter()
+        bleu = pair_bleu(contrast_texts(batch, args.contrast_text) if pair_texts is None else pair_texts, world, scores.device)
+        bleu_seconds = time.perf_counter() - t_bleu
         if world > 1:
             pair_scores = torch.cat(dist.nn.functional.all_gather(scores))  # keeps gradients to every process
-            gathered = [None] * world
-            dist.all_gather_object(gathered, texts)
-            texts = [text for part in gathered for text in part]
-        bleu = losses.bleu_matrix(texts)
     total, parts = losses.total_loss(
         target_logprobs, batch.target_mask, scores, bleu, tau_g=args.tau_g, threshold=args.gamma,
         lambda_con=args.lambda_con, lambda_sel=args.lambda_sel, lambda_fusion=args.lambda_fusion,
@@ -354,33 +396,55 @@ def step_loss(llm, spt, batch, args, world):
         nll_reduction=args.nll_reduction, fused_logprobs=fused_logprobs)
     stats = routing_stats(getattr(spt, "module", spt), llm, batch, scores.detach(),
                           losses.soft_prompt_losses(target_logprobs.detach(), batch.target_mask), args)
-    return total, parts, scores.detach(), stats
+    return total, parts, scores.detach(), {**stats, "bleu_seconds": bleu_seconds}
+
+
+def pair_bleu(texts, world, device):
+    """Eq. 4's BLEU matrix (B', B') of texts, on device, each pair computed once over all processes.
+
+    BLEU is pure Python on the host and quadratic in B' = len(texts): each process computes the rows of
+    its own examples (texts are in rank order) and the rows are gathered, instead of every process the whole.
+    """
+    rank, size = (dist.get_rank() if world > 1 else 0), len(texts) // world
+    rows = data.to_device(losses.bleu_matrix(texts, range(rank * size, (rank + 1) * size)), device)  # (B'/world, B')
+    if world == 1:
+        return rows
+    parts = [torch.empty_like(rows) for _ in range(world)]
+    dist.all_gather(parts, rows)
+    return torch.cat(parts)
 
 
 @torch.no_grad()
 def routing_stats(spt, llm, batch, scores, prompt_losses, args):
-    """What shows whether the retriever routes, for the log: scores, prompt_losses (B, K) -> dict of floats.
+    """What shows whether the retriever routes, for the log: scores, prompt_losses (B, K) -> dict of 0-dim
+    tensors, left on the device (reading them makes the host wait) and computed in float32 (with autocast
+    off: in bfloat16, cosines of 0.999 read 1.0000).
 
     q_max / p_max: mean largest share of the LLM feedback q and of the retriever's p (Eq. 3); agree: share of
     examples whose argmax p is argmax q; distinct: prompts chosen in the batch (Eq. 7); vc_cos: mean cosine
     between two of the batch's context vectors v_C (near 1: the retriever cannot tell the contexts apart).
     """
-    q = torch.softmax(-prompt_losses.float() / args.tau_g, dim=-1)
-    p = torch.softmax(scores.float() / args.tau_s, dim=-1)
-    v_context = spt.context_vectors(llm.embed(batch.context_ids), batch.context_mask)  # (B, E)
-    unit = torch.nn.functional.normalize(v_context.float(), dim=-1)
-    B = len(unit)
-    vc_cos = ((unit @ unit.T).sum() - B) / max(B * (B - 1), 1)
-    return {"q_max": q.max(-1).values.mean().item(), "p_max": p.max(-1).values.mean().item(),
-            "agree": (q.argmax(-1) == p.argmax(-1)).float().mean().item(),
-            "distinct": len(set(scores.argmax(-1).tolist())), "vc_cos": vc_cos.item()}
+    with torch.autocast(scores.device.type, enabled=False):
+        q = torch.softmax(-prompt_losses.float() / args.tau_g, dim=-1)
+        p = torch.softmax(scores.float() / args.tau_s, dim=-1)
+        v_context = spt.context_vectors(llm.embed(batch.context_ids).float(), batch.context_mask)  # (B, E)
+        unit = torch.nn.functional.normalize(v_context, dim=-1)
+        B = len(unit)
+        vc_cos = ((unit @ unit.T).sum() - B) / max(B * (B - 1), 1)
+    return {"q_max": q.max(-1).values.mean(), "p_max": p.max(-1).values.mean(),
+            "agree": (q.argmax(-1) == p.argmax(-1)).float().mean(),
+            "distinct": (prompt_counts(scores.argmax(-1), scores.shape[1]) > 0).sum(), "vc_cos": vc_cos}
+
+
+def prompt_counts(picks, num_prompts):
+    """How often each prompt was picked: picks (B,) -> (K,) long, on picks' device (bincount would wait for it)."""
+    return (picks[:, None] == torch.arange(num_prompts, device=picks.device)).sum(0)
 
 
 def usage_entropy(counts):
     """Entropy (nats) of the prompt usage counts; log K when every prompt is used equally, 0 for one prompt."""
-    share = torch.as_tensor(counts, dtype=torch.float64)
-    share = share[share > 0] / share.sum()
-    return float(-(share * share.log()).sum()) + 0.0  # + 0.0: one prompt gives 0.0, not -0.0
+    total = sum(counts)
+    return -sum(c / total * math.log(c / total) for c in counts if c) + 0.0  # + 0.0: one prompt gives 0.0, not -0.0
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -468,14 +532,22 @@ def setup_distributed(args):
 
 def micro_batches(encoded, args, pad_id, start, rank, world):
     """Endless micro-batches from micro-batch number `start` on; each global micro-batch of
-    batch_size x world examples is cut into one slice per process. Order depends on (seed, epoch) only."""
+    batch_size x world examples is cut into one slice per process. Order depends on (seed, epoch) only.
+
+    Yields (this process's batch, its forward_groups, the texts Eq. 4 compares across all processes (None
+    when lambda_con is 0), the real tokens of its K*B prompted sequences), all on the host: what the step
+    needs to know about the batch is known here, before it moves to the device, and every process has the
+    global micro-batch's texts without communication.
+    """
     per_epoch = len(encoded) // (args.batch_size * world)
     epoch, skip = divmod(start, per_epoch)
     while True:
         for batch in data.batches(encoded, args.batch_size * world, pad_id, seed=args.seed, epoch=epoch, skip=skip):
             if len(batch.examples) < args.batch_size * world:
                 break  # a short last batch would give processes unequal shares
-            yield data.shard(batch, rank, world)
+            mine = data.shard(batch, rank, world)
+            tokens = int(mine.attention_mask.sum() + mine.attention_mask.shape[0] * args.prompt_len) * args.num_prompts
+            yield mine, forward_groups(mine), contrast_texts(batch, args.contrast_text) if args.lambda_con else None, tokens
         epoch, skip = epoch + 1, 0
 
 
@@ -510,9 +582,9 @@ def train(args):
     encoded = [data.encode_example(ex, tok, args.max_len) for ex in train_examples]
     if len(encoded) < args.batch_size * world:
         raise ValueError(f"{len(encoded)} training examples do not fill one batch of {args.batch_size * world}: lower --batch-size")
-    eval_batches = [b.to(device) for b in data.batches(
+    eval_batches = [b.to(device) for b in list(data.batches(  # every world-th batch: all processes evaluate
         [data.encode_example(ex, tok, args.max_len) for ex in held_out[:args.eval_examples]],
-        args.batch_size, tok.pad_id, shuffle=False)] if args.eval_every else []
+        args.batch_size, tok.pad_id, shuffle=False))[rank::world]] if args.eval_every else []
 
     spt = SPT(args.num_prompts, args.prompt_len, llm.embed_dim)
     if args.prompt_init == "vocab":
@@ -545,56 +617,64 @@ def train(args):
         write_atomic(log_path, lambda f: f.write_text("".join(kept)))
     log_file = open(log_path, "a" if args.resume else "w") if rank == 0 else None
     batches = micro_batches(encoded, args, tok.pad_id, start * args.grad_accum, rank, world)
-    usage = torch.zeros(args.num_prompts, dtype=torch.long)
+    usage = torch.zeros(args.num_prompts, dtype=torch.long, device=device)
+    pending = []  # (record, this process's loss) of the steps since the last log line or checkpoint, on the device
     t_start, tokens = time.time(), 0
     for step in range(start + 1, total_steps + 1):
         t_step = time.time()
-        step_total, step_parts = 0.0, {}  # sums over the micro-batches
+        step_total, step_parts, bleu_seconds = 0.0, {}, 0.0  # sums over the micro-batches
         for micro in range(args.grad_accum):
-            batch = next(batches).to(device)
+            batch, groups, pair_texts, batch_tokens = next(batches)  # on the host
+            tokens += batch_tokens * world
+            batch, groups = batch.to(device), [group.to(device) for group in groups]
             sync = nullcontext() if world == 1 or micro == args.grad_accum - 1 else model.no_sync()
             with sync:
-                loss, parts, scores, stats = step_loss(llm, model, batch, args, world)  # the LLM autocasts itself
-                check_finite(loss, step, out, rank, world)
+                loss, parts, scores, stats = step_loss(llm, model, batch, args, world, groups, pair_texts)  # the LLM autocasts itself
                 scaler.scale(loss / args.grad_accum).backward()
             step_total = step_total + loss.detach()
             step_parts = {k: step_parts.get(k, 0.0) + v for k, v in parts.items()}
-            step_usage = torch.bincount(scores.argmax(-1).cpu(), minlength=args.num_prompts)
+            bleu_seconds += stats.pop("bleu_seconds")
+            step_usage = prompt_counts(scores.argmax(-1), args.num_prompts)
             usage += step_usage
-            tokens += int(batch.attention_mask.sum() + batch.attention_mask.shape[0] * args.prompt_len) * args.num_prompts * world
         if args.method == "spt":
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-            stats["grad_lin_context"] = spt.lin_context.weight.grad.norm().item() / scale
+            stats["grad_lin_context"] = spt.lin_context.weight.grad.norm() / scale
         skipped = step_with_scaler(scaler, optimizer)
         optimizer.zero_grad(set_to_none=True)
-        seconds = time.time() - t_step
-        loss, parts = step_total / args.grad_accum, {k: v / args.grad_accum for k, v in step_parts.items()}
+        seconds = time.time() - t_step  # on a GPU, the host's time: the device may still be busy with the step
+        local_loss = step_total / args.grad_accum
+        loss, parts = local_loss, {k: v / args.grad_accum for k, v in step_parts.items()}
         if world > 1:  # log the global batch's loss: the mean of the processes' losses
-            values = torch.stack([loss.detach(), *parts.values()])
+            values = torch.stack([loss, *parts.values()])
             dist.all_reduce(values)
             loss, parts = values[0] / world, dict(zip(parts, values[1:] / world))
-        record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                  "usage": step_usage.tolist(), **stats, "seconds": round(seconds, 4)}
+        pending.append(({"step": step, "loss": loss, **parts, "usage": step_usage, **stats, "seconds": round(seconds, 4),
+                         "bleu_seconds": round(bleu_seconds, 4), **({"skipped": True} if skipped else {})}, local_loss))
         if skipped:
-            record["skipped"] = True
             log(rank, f"step {step}: float16 gradients overflowed, so the GradScaler skipped this update and lowered "
                       f"its scale to {scaler.get_scale():g}")
-        if step % args.log_every == 0 or step in (start + 1, total_steps):
+        logs = step % args.log_every == 0 or step in (start + 1, total_steps)
+        evals = args.eval_every and (step % args.eval_every == 0 or step == total_steps)
+        saves = step % args.save_every == 0 or step == total_steps
+        if not (logs or evals or saves):
+            continue  # nothing is read from the device before a log line, an evaluation or a checkpoint
+        records = checked_records(pending, log_file, out, rank, world)
+        pending, record = [], records[-1]
+        if logs:
             elapsed = time.time() - t_start
             eta = elapsed / (step - start) * (total_steps - step)
-            terms = " ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
-            routing = (f"usage {usage.tolist()} (entropy {usage_entropy(usage):.2f} of {math.log(args.num_prompts):.2f}, "
-                       f"{stats['distinct']} distinct in the last batch) | " if args.method == "spt" else "")
-            log(rank, f"step {step}/{total_steps} | loss {loss.item():.4f} ({terms}) | {routing}"
+            terms = " ".join(f"{k} {record[k]:.4f}" for k in parts)
+            counts = usage.tolist()
+            routing = (f"usage {counts} (entropy {usage_entropy(counts):.2f} of {math.log(args.num_prompts):.2f}, "
+                       f"{record['distinct']} distinct in the last batch) | " if args.method == "spt" else "")
+            log(rank, f"step {step}/{total_steps} | loss {record['loss']:.4f} ({terms}) | {routing}"
                       f"{tokens / elapsed:.0f} tok/s | {seconds:.2f} s/step | ETA {format_duration(eta)}")
             usage.zero_()
-        if args.eval_every and (step % args.eval_every == 0 or step == total_steps) and rank == 0:
-            record["eval_nll"], record["eval_usage"] = evaluate(llm, spt, eval_batches)
+        if evals:
+            record["eval_nll"], record["eval_usage"] = evaluate(llm, spt, eval_batches, world)
             log(rank, f"eval at step {step}: held-out NLL {record['eval_nll']:.4f} with Eq. 7 selection, prompt usage {record['eval_usage']}")
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-        if step % args.save_every == 0 or step == total_steps:
+        write_records(log_file, records)
+        if saves:
             rngs = rng_states(world)
             if rank == 0:
                 save_checkpoint(out, spt, optimizer, scaler, step, config, rngs)
@@ -622,17 +702,44 @@ def step_with_scaler(scaler, optimizer):
     return scaler.get_scale() < scale
 
 
-def check_finite(loss, step, out, rank, world):
-    """Stop every process with the same message when any process's loss is not finite (none waits forever)."""
-    values = torch.zeros(world, device=loss.device)
-    values[rank] = loss.detach().float()
+def checked_records(pending, log_file, out, rank, world):
+    """The records of pending (record, this process's loss) pairs with their values read from the device at once,
+    after checking the losses of every process: a non-finite one stops every process with the same message
+    (none waits forever in a collective), after the steps before it are written; the last good checkpoint is kept."""
+    records = records_on_host([record for record, _ in pending])
+    losses = torch.stack([loss for _, loss in pending]).float()  # (P,)
+    values = losses.new_zeros(world, len(pending))
+    values[rank] = losses
     if world > 1:
         dist.all_reduce(values)
-    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
-    if bad:
-        where = f" on rank {bad[0]}" if world > 1 else ""
-        raise FloatingPointError(f"loss is {values[bad[0]].item()} at step {step}{where}; the last good checkpoint in {out} "
-                                 f"is kept. Lower --lr, or use --dtype float32")
+    for record, per_rank in zip(records, values.T.tolist()):
+        bad = [r for r, value in enumerate(per_rank) if not math.isfinite(value)]
+        if bad:
+            write_records(log_file, [r for r in records if r["step"] < record["step"]])
+            where = f" on rank {bad[0]}" if world > 1 else ""
+            raise FloatingPointError(f"loss is {per_rank[bad[0]]} at step {record['step']}{where}; the last good checkpoint "
+                                     f"in {out} is kept. Lower --lr, or use --dtype float32")
+    return records
+
+
+def records_on_host(records):
+    """The records with their tensors as Python numbers (a list for a 1-dim tensor), in one copy from the device."""
+    tensors = [value for record in records for value in record.values() if isinstance(value, torch.Tensor)]
+    if not tensors:
+        return records
+    flat = iter(torch.cat([t.detach().reshape(-1).double() for t in tensors]).tolist())
+
+    def number(tensor):
+        values = [x if tensor.is_floating_point() else int(x) for x in itertools.islice(flat, tensor.numel())]
+        return values if tensor.dim() else values[0]
+
+    return [{k: number(v) if isinstance(v, torch.Tensor) else v for k, v in record.items()} for record in records]
+
+
+def write_records(log_file, records):
+    if log_file:
+        log_file.write("".join(json.dumps(record) + "\n" for record in records))
+        log_file.flush()
 
 
 def resume(out, spt, optimizer, scaler, config, rank):
@@ -652,9 +759,22 @@ def resume(out, spt, optimizer, scaler, config, rank):
     if state["scaler"]:  # empty when the run had no GradScaler (float32, bfloat16)
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"][rank]["cpu"])
-    if state["rng"][rank]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"][rank]["cuda"])
+    restore_cuda_rng(state["rng"][rank]["cuda"], rank)
     return state["step"]
+
+
+def restore_cuda_rng(states, rank):
+    """Set the RNG state of every GPU that both the saving run and this one see; say so when their counts differ.
+
+    states: one per GPU the saving process saw (none without CUDA). Only a process's own GPU draws (A.8 noise),
+    so a run moved to a machine with more or fewer visible GPUs still resumes, exactly where its own GPU is restored.
+    """
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, state in enumerate(states[:visible]):
+        torch.cuda.set_rng_state(state, index)
+    if len(states) != visible:
+        log(rank, f"--resume: the checkpoint has CUDA RNG states of {len(states)} GPUs and this machine shows {visible}: "
+                  f"restored {min(len(states), visible)}; random draws on any other GPU do not continue the saved run")
 
 
 def run_cli(main, argv=None):
