@@ -2796,10 +2796,10 @@ def test_generate_report_prints_the_three_bertscore_columns(tiny_ckpt, tmp_path,
     monkeypatch.setattr(metrics, "BERTSCORE_LAYER", 2)
     out = tmp_path / "predictions.jsonl"
     generate.main(["--ckpt", str(tiny_ckpt), "--max-new-tokens", "4", "--max-examples", "3", "--out", str(out),
-                   "--bertscore"])
+                   "--bertscore", "--dtype", "float32"])
     records = read_log(out)
     expected = metrics.bert_scores([r["prediction"] for r in records], [r["reference"] for r in records])
-    header, row = capsys.readouterr().out.splitlines()[1:3]
+    header, row = capsys.readouterr().out.splitlines()[2:4]  # after the model line and the predictions line
     assert header.split()[-4:] == ["BERT-F1", "BERT-P", "BERT-R", "AVG"]
     assert row.split()[-4:-1] == [f"{expected[k]:.2f}" for k in ("bertscore", "bertscore_precision", "bertscore_recall")]
 
