@@ -72,12 +72,23 @@ def selection_loss(scores, prompt_losses, tau_g=1.0, feedback_noise=0.0, tau_s=1
     return (torch.xlogy(q, q) - q * log_p).sum(-1).mean()
 
 
-def contrastive_loss(scores, bleu, threshold=20.0):
-    """Eq. 4, averaged over ordered pairs (i, j), i != j, of the batch.
+CON_REDUCTIONS = ("pair-sum", "pair-mean")
+
+
+def contrastive_loss(scores, bleu, threshold=20.0, reduction="pair-sum"):
+    """Eq. 4 over the ordered pairs (i, j), i != j, of the B rows of scores: B (B - 1) pairs, Eq. 6's double sum
+    (each unordered pair twice, once with M(c_i, c_j) and once with M(c_j, c_i), which BLEU tells apart).
 
     scores (B, K) retriever scores; bleu (B, B) with bleu[i, j] = M(c_i, c_j) on the 0-100 scale.
     Similar pairs (M > threshold) pull their score vectors together: 1 - cos; others push them
-    apart: max(0, cos). Zero for a batch of one.
+    apart: max(0, cos). Zero for a batch of one. The rows are Algorithm 1's C_batch: one micro-batch,
+    under data parallelism every process's micro-batch (train.step_loss gathers them). reduction:
+    "pair-sum": Algorithm 1, line 26, adds L_con of every pair into L_con^batch, as line 14 adds each example's
+    terms over the B examples. total_loss takes those per-example terms as means over the B examples (the
+    printed sums / B), so the pair sum is divided by the same B: sum / B = (B - 1) x the mean over the pairs,
+    and L_con keeps the weight against L^LLM that Algorithm 1 gives it.
+    "pair-mean": the mean over the pairs, as the authors' code takes (over its unordered pairs); the form of
+    every run whose checkpoint config has no con_reduction.
     """
     B = scores.shape[0]
     if B < 2:
@@ -86,7 +97,12 @@ def contrastive_loss(scores, bleu, threshold=20.0):
     similar = bleu.to(cos.device) > threshold
     pair_loss = torch.where(similar, 1.0 - cos, cos.clamp(min=0.0))
     off_diagonal = pair_loss.flatten()[1:].view(B - 1, B + 1)[:, :B].reshape(-1)  # the pairs i != j, row by row
-    return off_diagonal.mean()  # (a boolean mask would pick the same, but makes a GPU report its count to the host)
+    # (a boolean mask would pick the same, but makes a GPU report its count to the host)
+    if reduction == "pair-sum":
+        return off_diagonal.sum() / B
+    if reduction == "pair-mean":
+        return off_diagonal.mean()
+    raise ValueError(f"contrastive reduction {reduction!r}: use one of {', '.join(CON_REDUCTIONS)}")
 
 
 def bleu_matrix(texts, rows=None):
@@ -108,21 +124,30 @@ def bleu_matrix(texts, rows=None):
 
 def total_loss(target_logprobs, target_mask, scores=None, bleu=None, tau_g=1.0, threshold=20.0,
                lambda_con=1.0, lambda_sel=1.0, lambda_fusion=1.0, feedback_noise=0.0, pair_scores=None,
-               tau_s=1.0, nll_reduction="sum", fused_logprobs=None):
+               tau_s=1.0, nll_reduction="sum", fused_logprobs=None, con_reduction="pair-sum"):
     """Eq. 6: sum_i mean_b L[b, i] + lambda1 L_con + lambda2 L_sel + lambda3 L_fusion.
 
-    A term whose lambda is 0 is skipped (the ablations of Table 2; the PT baseline sets all three
-    to 0 and needs no scores). pair_scores (B', K) with bleu (B', B') are what Eq. 4 pairs over:
-    by default the batch's own scores; under data parallelism, every process's scores.
-    The authors' code differs in two places, each an option: nll_reduction="mean" replaces the sum
-    over prompts by pooled_nll, and fused_logprobs (B, T) from score_logits_logprobs replaces
-    Eq. 5's average. Returns (total, parts) with parts the detached scalar terms.
+    Algorithm 1 sums each example's terms over the batch (line 14) and L_con over the pairs (line 26). Here
+    the per-example terms are means over the batch: Algorithm 1's L_Total divided by B, which Adam does not
+    see (its step m / sqrt(v) is the same for any constant scale of the loss, up to its eps) and which keeps
+    logged values comparable across batch sizes. con_reduction "pair-sum" divides the pair sum by the same
+    B, so L_con keeps Algorithm 1's weight; "pair-mean" weighs it B - 1 times less (contrastive_loss).
+    pair_scores (B', K) with bleu (B', B') are what Eq. 4 pairs over: by default the batch's own scores;
+    under data parallelism, every process's scores (B' = B x processes: DDP's gradient mean makes the
+    per-example terms means over those B' examples, and the pair sum is divided by B').
+    A term whose lambda is 0 is skipped (the ablations of Table 2; the PT baseline sets all three to 0 and
+    needs no scores). The authors' code differs in more places, each an option: nll_reduction="mean"
+    replaces the sum over prompts by pooled_nll, fused_logprobs (B, T) from score_logits_logprobs replaces
+    Eq. 5's average, con_reduction="pair-mean". Returns (total, parts) with parts the detached scalar terms.
     """
+    if lambda_con is None or lambda_sel is None:
+        raise ValueError("lambda_con and lambda_sel are unset: the authors' recipe sets them for the model's family "
+                         "once the model is loaded (train.resolve_recipe)")
     prompt_losses = soft_prompt_losses(target_logprobs, target_mask)  # (B, K)
     total = prompt_losses.mean(0).sum() if nll_reduction == "sum" else pooled_nll(target_logprobs, target_mask)
     parts = {"nll": total.detach()}
     if lambda_con:
-        parts["con"] = contrastive_loss(scores if pair_scores is None else pair_scores, bleu, threshold)
+        parts["con"] = contrastive_loss(scores if pair_scores is None else pair_scores, bleu, threshold, con_reduction)
         total = total + lambda_con * parts["con"]
     if lambda_sel:
         parts["sel"] = selection_loss(scores, prompt_losses, tau_g, feedback_noise, tau_s)

@@ -1303,8 +1303,11 @@ def test_contrastive_loss_matches_loop():
                 cos = F.cosine_similarity(scores[i], scores[j], dim=0).item()
                 pairs.append(1 - cos if bleu[i, j] > 20 else max(0.0, cos))
     assert any(F.cosine_similarity(scores[i], scores[j], dim=0) < 0 for i in range(4) for j in range(4))
-    got = losses.contrastive_loss(scores, bleu, threshold=20.0)
-    assert got.item() == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+    assert len(pairs) == 12  # ordered pairs, Eq. 6's i != j
+    summed = losses.contrastive_loss(scores, bleu, threshold=20.0, reduction="pair-sum")
+    assert summed.item() == pytest.approx(sum(pairs) / 4, abs=1e-6)  # Algorithm 1's sum, over B like the per-example means
+    mean = losses.contrastive_loss(scores, bleu, threshold=20.0, reduction="pair-mean")
+    assert mean.item() == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
 
 
 def test_contrastive_loss_is_zero_for_one_example():
@@ -1691,10 +1694,96 @@ def test_recipe_sets_the_loss_flags_and_an_explicit_flag_wins():
         "prob-mean", "context", "sum", 1.0, 1.0)
     authors = train.parse_args(["--recipe", "authors"])
     assert (authors.fusion, authors.contrast_text, authors.nll_reduction, authors.lambda_con, authors.lambda_sel) == (
-        "score-logits", "persona", "mean", 0.4, 0.4)
+        "score-logits", "persona", "mean", None, None)  # the weights wait for the model's family (issue 33 tests)
     mixed = train.parse_args(["--recipe", "authors", "--fusion", "prob-mean", "--lambda-sel", "1"])
-    assert (mixed.fusion, mixed.contrast_text, mixed.lambda_sel, mixed.lambda_con) == ("prob-mean", "persona", 1.0, 0.4)
+    assert (mixed.fusion, mixed.contrast_text, mixed.lambda_sel, mixed.lambda_con) == ("prob-mean", "persona", 1.0, None)
     assert train.parse_args(["--recipe", "authors", "--method", "pt"]).lambda_con == 0.0
+
+
+# ----------------------------------------------------------------------------- issue 33: each recipe as its source runs it
+
+@pytest.mark.parametrize("B", [2, 4, 8])
+def test_paper_recipe_weighs_l_con_against_l_llm_as_algorithm_1(B):
+    """Algorithm 1 by hand: line 14 adds each example's K prompt losses (Eq. 6's sum over i), selection and
+    fusion losses; line 26 adds L_con of every ordered pair i != j (Eq. 6's double sum). The paper recipe's
+    total is that L_Total / B, so L_con weighs against L^LLM as printed: (B - 1) x the pair mean, which the
+    mean form before issue 33 matched at B = 2 only."""
+    llm, tok, encoded, batch = tiny_batch(n=B)
+    args = train.parse_args(TINY + ["--recipe", "paper"])
+    train.resolve_recipe(args, llm.config.arch)
+    torch.manual_seed(0)
+    spt = SPT(4, 1, llm.embed_dim)
+    total, parts, _, _ = train.step_loss(llm, spt, batch, args, world=1)
+    with torch.no_grad():
+        target_logprobs, scores, _ = train.spt_forward(llm, spt, batch)
+    bleu = losses.bleu_matrix(batch.context_texts)
+    l_llm = l_sel = l_fusion = l_con = 0.0
+    for n in range(B):  # lines 4-15, one context c_n at a time
+        one = target_logprobs[n:n + 1], batch.target_mask[n:n + 1]
+        prompt_losses = losses.soft_prompt_losses(*one)  # (1, K): L_1 .. L_K of line 6
+        l_llm += prompt_losses.sum().item()
+        l_sel += losses.selection_loss(scores[n:n + 1], prompt_losses).item()
+        l_fusion += losses.fusion_loss(*one).item()
+    pairs = 0
+    for i in range(B):  # lines 16-27
+        for j in range(B):
+            if i != j:
+                cos = F.cosine_similarity(scores[i], scores[j], dim=0).item()
+                l_con += 1 - cos if bleu[i, j] > args.gamma else max(0.0, cos)
+                pairs += 1
+    assert pairs == B * (B - 1) and l_con > 0
+    assert args.lambda_con * parts["con"].item() / parts["nll"].item() == pytest.approx(l_con / l_llm, rel=1e-5)
+    assert total.item() * B == pytest.approx(l_llm + l_con + l_sel + l_fusion, rel=1e-5)  # lambdas 1 (A.2)
+    args.con_reduction = "pair-mean"
+    mean_total, mean_parts, _, _ = train.step_loss(llm, spt, batch, args, world=1)
+    assert mean_parts["con"].item() * (B - 1) == pytest.approx(parts["con"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch, weight", [("opt", 0.4), ("llama", 1.0)])
+def test_authors_recipe_takes_their_lr_and_their_config_weights_for_the_family(arch, weight):
+    """hqsiswiliam/SPT: README's command trains at --lr=0.0001; config/convai2/opt-*.yml weigh selection and
+    contrast 0.4, config/convai2/llama2-7b-*.yml 1.0. A flag given explicitly wins."""
+    args = train.parse_args(["--recipe", "authors"])
+    train.resolve_recipe(args, arch)
+    assert (args.lr, args.lambda_con, args.lambda_sel, args.con_reduction) == (1e-4, weight, weight, "pair-mean")
+    given = train.parse_args(["--recipe", "authors", "--lr", "0.01", "--lambda-con", "2", "--con-reduction", "pair-sum"])
+    train.resolve_recipe(given, arch)
+    assert (given.lr, given.lambda_con, given.lambda_sel, given.con_reduction) == (0.01, 2.0, weight, "pair-sum")
+    paper = train.parse_args([])
+    train.resolve_recipe(paper, arch)
+    assert (paper.lr, paper.lambda_con, paper.lambda_sel, paper.con_reduction) == (0.01, 1.0, 1.0, "pair-sum")
+
+
+def test_unresolved_weights_fail_loudly():
+    lp, mask = random_logprobs(2, 3, 6)
+    with pytest.raises(ValueError, match="lambda_con and lambda_sel are unset"):
+        losses.total_loss(lp, mask, torch.rand(2, 3), torch.zeros(2, 2), lambda_con=None, lambda_sel=None)
+
+
+def test_first_log_line_shows_the_resolved_recipe(tmp_path, capsys):
+    train.train(train.parse_args(TINY + ["--max-len", "64", "--max-steps", "1", "--recipe", "authors", "--out", str(tmp_path)]))
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "recipe authors (SPT): lr 0.0001, lambda-con 1, lambda-sel 1, lambda-fusion 1, nll-reduction mean, "
+        "con-reduction pair-mean, fusion score-logits, contrast-text persona")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["args"]["lr"], config["con_reduction"]) == (1e-4, "pair-mean")
+
+
+def test_resume_reads_a_config_without_con_reduction_as_the_mean_form(tmp_path):
+    """Runs committed before issue 33 have no con_reduction: they used the mean over the pairs."""
+    flags = TINY + ["--max-len", "64", "--batch-size", "4", "--out", str(tmp_path)]
+    train.train(train.parse_args(flags + ["--max-steps", "1", "--con-reduction", "pair-mean"]))
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    del state["config"]["con_reduction"]
+    torch.save(state, tmp_path / "train_state.pt")
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["con_reduction"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert train.load_checkpoint(tmp_path)[1]["con_reduction"] == "pair-mean"
+    with pytest.raises(ValueError, match=re.escape("has con_reduction='pair-mean' but this run asks for 'pair-sum'")):
+        train.train(train.parse_args(flags + ["--max-steps", "2", "--resume"]))
+    train.train(train.parse_args(flags + ["--max-steps", "2", "--resume", "--con-reduction", "pair-mean"]))
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2]
 
 
 @pytest.mark.parametrize("flag", ["--tau-s", "--tau-g"])
@@ -1871,7 +1960,7 @@ def test_authors_recipe_trains_records_its_settings_and_resume_refuses_a_change(
     config = json.loads((tmp_path / "config.json").read_text())
     assert {k: config[k] for k in ("recipe", "fusion", "contrast_text", "nll_reduction", "lambda_con", "lambda_sel", "tau_s")} == {
         "recipe": "authors", "fusion": "score-logits", "contrast_text": "persona", "nll_reduction": "mean",
-        "lambda_con": 0.4, "lambda_sel": 0.4, "tau_s": 0.5}
+        "lambda_con": 1.0, "lambda_sel": 1.0, "tau_s": 0.5}  # the tiny model is a Llama: their Llama-2 config's weights
     record = read_log(tmp_path / "log.jsonl")[-1]
     assert {"q_max", "p_max", "agree", "distinct", "vc_cos", "grad_lin_context"} <= set(record)
     assert 1 <= record["distinct"] <= 4 and sum(record["usage"]) == 8 and record["grad_lin_context"] > 0

@@ -32,17 +32,24 @@ from model import Linear
 from retriever import SPT, prompted_inputs
 
 DEFAULT_CONVAI2 = Path("convai2") / "train_self_original_no_cands.txt"
-# Loss settings: the paper as printed, or the authors' public code (DESIGN.md, "The paper versus the
-# authors' public code"); the authors' weights are those of their OPT configs (their Llama-2 config uses 1).
+# Loss settings and learning rate of each recipe: the paper as printed (Eq. 1-6, Algorithm 1, Table 6), or the authors'
+# public code, hqsiswiliam/SPT (DESIGN.md, "The paper versus the authors' public code"). The authors' weights depend on
+# the model family ({family: value}, set by resolve_recipe once the model is loaded): selective_loss_weight and
+# contrastive_weight are 0.4 in config/convai2/opt-{125m,1.3b,2.7b}-selective-linear-both-prompt-causal-convai2.yml and
+# 1.0 in config/convai2/llama2-7b-selective-linear-both-prompt-causal-convai2.yml. Their lr is the one of README.md's
+# training command (--lr=0.0001, --batch=2 per GPU): the configs' learning_rate 1e-5 is never read, since
+# trainer/peft_trainer.py overwrites it (and ds_config.json's lr) with the command line's --lr.
 RECIPES = {
-    "paper": {"fusion": "prob-mean", "contrast_text": "context", "nll_reduction": "sum",
-              "lambda_con": 1.0, "lambda_sel": 1.0},
-    "authors": {"fusion": "score-logits", "contrast_text": "persona", "nll_reduction": "mean",
-                "lambda_con": 0.4, "lambda_sel": 0.4},
+    "paper": {"fusion": "prob-mean", "contrast_text": "context", "nll_reduction": "sum", "con_reduction": "pair-sum",
+              "lambda_con": 1.0, "lambda_sel": 1.0, "lr": 0.01},
+    "authors": {"fusion": "score-logits", "contrast_text": "persona", "nll_reduction": "mean", "con_reduction": "pair-mean",
+                "lambda_con": {"opt": 0.4, "llama": 1.0}, "lambda_sel": {"opt": 0.4, "llama": 1.0}, "lr": 1e-4},
 }
 FROM_RECIPE = "(default: from --recipe%(default).0s)"  # %(default).0s prints nothing; it stops "(default: None)"
-LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "tau_g", "tau_s", "gamma",
+LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "con_reduction", "tau_g", "tau_s", "gamma",
                  "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
+# Loss settings added after runs were committed, with the value those runs used: a config without the key means it.
+LEGACY_SETTINGS = {"con_reduction": "pair-mean"}
 
 
 def parse_args(argv=None):
@@ -63,7 +70,9 @@ def parse_args(argv=None):
                    help="L, virtual tokens per prompt (default: 1 for Llama, 8 for OPT, as in 4.2)")
     p.add_argument("--prompt-init", choices=["gaussian", "vocab"], default="gaussian",
                    help="standard Gaussian (4.2) or random rows of the token embedding table")
-    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (Table 6: 0.01; 0.001 for OPT-2.7B)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate; paper: 0.01 (Table 6; it gives 0.001 for OPT-2.7B), authors: 1e-4 (their "
+                        "README's command) " + FROM_RECIPE)
     p.add_argument("--epochs", type=float, default=1.0,
                    help="passes over the training data (the paper trains one; 15 for OPT-125M)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: use --epochs)")
@@ -74,8 +83,11 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=512,
                    help="text tokens per example; longer ones drop their oldest turns first (DESIGN.md)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
-                   help="'paper': Eq. 1-6 as printed; 'authors': the authors' public code (score-logits fusion, "
-                        "persona BLEU, pooled NLL, lambda-con = lambda-sel = 0.4 as in their OPT configs). A flag given explicitly wins")
+                   help="'paper': Eq. 1-6 and Algorithm 1 as printed (prob-mean fusion, context BLEU, NLL summed over "
+                        "prompts, L_con summed over the pairs: pair-sum, lambdas 1, lr 0.01); 'authors': the authors' "
+                        "public code (score-logits fusion, persona BLEU, pooled NLL, L_con averaged over the pairs: "
+                        "pair-mean, lr 1e-4, lambda-con = lambda-sel = 0.4 for OPT and 1 for Llama models, as their "
+                        "configs give). A flag given explicitly wins; train.py's first line shows the resolved values")
     p.add_argument("--fusion", choices=["prob-mean", "score-logits"], default=None,
                    help="Eq. 5 as printed (NLL of the mean of the K distributions), or the authors' cross-entropy "
                         "of sum_k s_k * logits_k " + FROM_RECIPE)
@@ -84,14 +96,21 @@ def parse_args(argv=None):
     p.add_argument("--nll-reduction", choices=["sum", "mean"], default=None,
                    help="Eq. 6's sum over prompts of each prompt's NLL (paper), or one mean over all prompts' "
                         "target tokens (authors) " + FROM_RECIPE)
+    p.add_argument("--con-reduction", choices=losses.CON_REDUCTIONS, default=None,
+                   help="pair-sum: Algorithm 1's sum of Eq. 4 over the B(B - 1) ordered pairs of a micro-batch (every "
+                        "process's under torchrun), divided by B like the per-example terms, which are batch means: "
+                        "(B - 1) x the pair mean (paper); pair-mean: the mean over the pairs (authors; also every run "
+                        "whose config has no con_reduction) " + FROM_RECIPE)
     p.add_argument("--tau-g", type=float, default=1.0, help="temperature of the LLM feedback softmax (Eq. 3)")
     p.add_argument("--tau-s", type=float, default=1.0,
                    help="temperature of the retriever softmax p = softmax(s / tau_s) (Eq. 3; the authors' tau_sim)")
     p.add_argument("--gamma", type=float, default=20.0, help="BLEU threshold (0-100) of similar context pairs (Eq. 4)")
     p.add_argument("--lambda-con", type=float, default=None,
-                   help="lambda1, weight of the contrastive loss (Eq. 6); 0 switches it off " + FROM_RECIPE)
+                   help="lambda1, weight of the contrastive loss (Eq. 6); 0 switches it off; paper: 1, authors: 0.4 "
+                        "for OPT, 1 for Llama " + FROM_RECIPE)
     p.add_argument("--lambda-sel", type=float, default=None,
-                   help="lambda2, weight of the selection loss (Eq. 6); 0 switches it off " + FROM_RECIPE)
+                   help="lambda2, weight of the selection loss (Eq. 6); 0 switches it off; paper: 1, authors: 0.4 "
+                        "for OPT, 1 for Llama " + FROM_RECIPE)
     p.add_argument("--lambda-fusion", type=float, default=1.0,
                    help="lambda3, weight of the fusion loss (Eq. 6); 0 switches it off")
     p.add_argument("--feedback-noise", type=float, default=0.0,
@@ -117,7 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     args = p.parse_args(argv)
     for name, value in RECIPES[args.recipe].items():  # a flag given explicitly wins over the recipe
-        if getattr(args, name) is None:
+        if getattr(args, name) is None and not isinstance(value, dict):  # a {family: value} waits for resolve_recipe
             setattr(args, name, value)
     for name in ("tau_g", "tau_s"):
         if not getattr(args, name) > 0:
@@ -127,6 +146,20 @@ def parse_args(argv=None):
     if args.eval_every and not args.holdout:
         p.error("--eval-every needs held-out dialogues: add --holdout N")
     return args
+
+
+def resolve_recipe(args, arch):
+    """Set the recipe's settings that depend on the model family arch ('llama' or 'opt'), unless given as flags."""
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value[arch])
+
+
+def recipe_line(args):
+    """The resolved loss settings and lr, for train.py's first log line."""
+    return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g}, lambda-con {args.lambda_con:g}, "
+            f"lambda-sel {args.lambda_sel:g}, lambda-fusion {args.lambda_fusion:g}, nll-reduction {args.nll_reduction}, "
+            f"con-reduction {args.con_reduction}, fusion {args.fusion}, contrast-text {args.contrast_text}")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -393,7 +426,7 @@ def step_loss(llm, spt, batch, args, world, groups=None, pair_texts=None):
         target_logprobs, batch.target_mask, scores, bleu, tau_g=args.tau_g, threshold=args.gamma,
         lambda_con=args.lambda_con, lambda_sel=args.lambda_sel, lambda_fusion=args.lambda_fusion,
         feedback_noise=args.feedback_noise, pair_scores=pair_scores, tau_s=args.tau_s,
-        nll_reduction=args.nll_reduction, fused_logprobs=fused_logprobs)
+        nll_reduction=args.nll_reduction, fused_logprobs=fused_logprobs, con_reduction=args.con_reduction)
     stats = routing_stats(getattr(spt, "module", spt), llm, batch, scores.detach(),
                           losses.soft_prompt_losses(target_logprobs.detach(), batch.target_mask), args)
     return total, parts, scores.detach(), {**stats, "bleu_seconds": bleu_seconds}
@@ -489,7 +522,7 @@ def load_checkpoint(ckpt, embed_dim=None, device="cpu"):
     if not (ckpt / "config.json").exists() or not (ckpt / "spt.safetensors").exists():
         raise FileNotFoundError(f"{ckpt} is not an SPT checkpoint (expected config.json and spt.safetensors): "
                                 f"pass the --out folder of a train.py run")
-    config = json.loads((ckpt / "config.json").read_text())
+    config = {**LEGACY_SETTINGS, **json.loads((ckpt / "config.json").read_text())}
     if embed_dim is not None and config["embed_dim"] != embed_dim:
         raise ValueError(f"checkpoint {ckpt} was trained for embedding width {config['embed_dim']} "
                          f"(model {config['model']}), but this model has {embed_dim}: load it with --model {config['model']}")
@@ -573,6 +606,8 @@ def train(args):
         dtype, dtype_why = choice
         llm.to(dtype)
     llm.grad_checkpoint = args.grad_checkpoint
+    resolve_recipe(args, llm.config.arch)
+    log(rank, recipe_line(args))
     args.prompt_len = args.prompt_len or (1 if llm.config.arch == "llama" else 8)
     args.data = resolve_data(args.data, rank)
     examples = data.load_examples(args.data)
@@ -748,7 +783,7 @@ def resume(out, spt, optimizer, scaler, config, rank):
     if not (out / "train_state.pt").exists():
         raise FileNotFoundError(f"--resume: {out} holds no train_state.pt to continue from: drop --resume or pass the --out of a run")
     state = torch.load(out / "train_state.pt", weights_only=True, map_location="cpu")
-    saved = state["config"]
+    saved = {**LEGACY_SETTINGS, **state["config"]}
     for key in ("model", "dtype", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout",
                 "batch_size", "grad_accum", "world_size", "seed", "max_examples", *LOSS_SETTINGS):
         if saved.get(key) != config[key]:

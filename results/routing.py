@@ -71,9 +71,10 @@ def summarize(name, label, kinds, nll, chosen, best, config):
     return {"run": name, "label": label, "nll": sum(nll) / len(nll), "nll_by_kind": per_kind,
             "best_prompt_nll": sum(best) / len(best) if best else None, "purity": purity, "purity_by_kind": share,
             "prompt_of_kind": assignment, "usage": [chosen.count(k) for k in range(max(chosen) + 1)],
-            "steps": config.get("step"), "settings": {k: config["args"][k] for k in (
+            "steps": config.get("step"), "settings": {**{k: config["args"][k] for k in (
                 "num_prompts", "prompt_len", "prompt_init", "lr", "batch_size", "seed", "recipe", "fusion",
-                "contrast_text", "nll_reduction", "lambda_con", "lambda_sel", "lambda_fusion", "tau_s")}}
+                "contrast_text", "nll_reduction", "lambda_con", "lambda_sel", "lambda_fusion", "tau_s")},
+                "con_reduction": config["con_reduction"], "dtype": config["args"]["dtype"]}}
 
 
 def report(runs_dir):
@@ -81,7 +82,7 @@ def report(runs_dir):
     train_part, held_out = split()
     kinds = [data.routing_kind(ex) for ex in held_out]
     config = json.loads((runs_dir / RUNS[0][0] / "config.json").read_text())
-    llm, tok = load_llm(config["model"], device="cpu")
+    llm, tok = load_llm(config["model"], device="cpu", dtype=train.resolve_dtype(config["args"]["dtype"], torch.device("cpu")))
     encoded = [data.encode_example(ex, tok, config["max_len"]) for ex in held_out]
     batches = list(data.batches(encoded, 8, tok.pad_id, shuffle=False))
     rows = []
