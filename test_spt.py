@@ -1832,8 +1832,9 @@ FLAG_ROWS = [
     ("--lambda-sel", "0", {"lambda_sel": 0.0}),
     ("--lambda-fusion", "0.5", {"lambda_fusion": 0.5}),
     ("--lambda-fusion", "0", {"lambda_fusion": 0.0}),
+    ("--con-reduction", "pair-mean", {"con_reduction": "pair-mean"}),
     ("--recipe", "authors", {"fusion": "score-logits", "texts": "persona", "nll_reduction": "mean",
-                             "lambda_con": 0.4, "lambda_sel": 0.4}),
+                             "con_reduction": "pair-mean", "lambda_con": 1.0, "lambda_sel": 1.0}),  # their Llama config
 ]
 
 
