@@ -296,8 +296,8 @@ def compare_with_pt(spt_out, pt_out):
     usage per kind and the routing purity (metrics.routing_purity), from the two runs' heldout.json."""
     spt, pt = (json.loads((folder / "heldout.json").read_text()) for folder in (spt_out, pt_out))
     lines = [f"held-out: {len(spt['chosen'])} examples never trained on, each with the prompt Eq. 7 picks",
-             f"  SPT (K = {spt['num_prompts']}, {spt_out}): NLL {spt['nll']:.4f}",
-             f"  PT  (K = 1, {pt_out}): NLL {pt['nll']:.4f}  (SPT - PT: {spt['nll'] - pt['nll']:+.4f})"]
+             f"  SPT (K = {spt['num_prompts']}): NLL {spt['nll']:.4f}",
+             f"  PT  (K = 1): NLL {pt['nll']:.4f}  (SPT - PT: {spt['nll'] - pt['nll']:+.4f})"]
     if spt["kinds"]:
         for kind in sorted(set(spt["kinds"])):
             picks = [c for c, k in zip(spt["chosen"], spt["kinds"]) if k == kind]

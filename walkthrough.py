@@ -112,6 +112,8 @@ assert torch.isclose(selection, (q * (q.log() - p.log())).sum(-1).mean(), atol=1
 #
 # M is sentence BLEU between two context texts. Pairs with $M > \Gamma$ = 20 pull their score vectors
 # together ($1 - \cos$), the others push them apart ($\max(0, \cos)$); the loss is the mean over ordered pairs.
+# At the start every context's score vector points nearly the same way (the mean token embeddings of two
+# contexts are nearly parallel), so each pair pushed apart costs close to 1.
 
 # %%
 bleu = losses.bleu_matrix(batch.context_texts)  # (B, B)
