@@ -304,15 +304,16 @@ ROUTING_KINDS = {
 }
 
 
-def routing_examples(n=1200, seed=0):
+def routing_examples(n=1200, seed=0, kinds=None):
     """n one-turn examples of the routing check, kinds in a seeded random order; dialogue_id is "KIND-i".
+    kinds: names of ROUTING_KINDS to draw from (default: all four).
 
     Each context has two persona sentences and a question from one kind's templates (the kind shows in the
     topic words); the response is that kind's pattern with a random answer, so log 4 nats per example are
     left to chance however well a prompt learns.
     """
     rng = random.Random(seed)
-    kinds = sorted(ROUTING_KINDS)
+    kinds = sorted(kinds or ROUTING_KINDS)
     examples = []
     for i in range(n):
         kind = rng.choice(kinds)
@@ -324,18 +325,24 @@ def routing_examples(n=1200, seed=0):
     return examples
 
 
+FIRST_RUN_KINDS = ("food", "pets")  # `--data two-kinds`, what `python train.py` trains on when ConvAI2 is absent
+
+
 def routing_kind(example):
     """The kind of a routing_examples() example, read from its dialogue_id "KIND-i"."""
     return str(example.dialogue_id).rsplit("-", 1)[0]
 
 
 def load_examples(spec):
-    """spec "demo" -> demo_examples(); "routing" -> routing_examples(); a *.jsonl path -> load_jsonl;
+    """spec "demo" -> demo_examples(); "routing" -> routing_examples(); "two-kinds" -> 580 routing examples of
+    two kinds only (FIRST_RUN_KINDS: 480 to train and 100 to hold out); a *.jsonl path -> load_jsonl;
     a dialogues_*.txt path (DailyDialog's file names) -> load_dailydialog; any other path -> load_convai2."""
     if str(spec) == "demo":
         return demo_examples()
     if str(spec) == "routing":
         return routing_examples()
+    if str(spec) == "two-kinds":
+        return routing_examples(580, kinds=FIRST_RUN_KINDS)
     path = Path(spec)
     if path.suffix == ".jsonl":
         return load_jsonl(path)
@@ -343,7 +350,8 @@ def load_examples(spec):
 
 
 def render_prompt(persona, context):
-    """The template of the authors' code: given persona: {P}; context: Q: h1 R: m1 ... Q: hn R:
+    """The context C = {P, U} of paper 3.1 as text, in the template of the authors' code:
+    given persona: {P}; context: Q: h1 R: m1 ... Q: hn R:
     An example without a persona (P empty, as in DailyDialog) takes it without its persona part:
     context: Q: h1 R: m1 ... Q: hn R:"""
     turns = " ".join(("Q: " if i % 2 == 0 else "R: ") + u for i, u in enumerate(context))

@@ -20,7 +20,7 @@ import metrics
 from train import dtype_name, length_groups, load_checkpoint, load_frozen_llm, resolve_device, run_cli
 
 STOP_MARKERS = (" Q:", " R:", "\n")  # the next speaker of the template, or a line break, ends a response
-CHAT_DECODING = {"top_p": 0.9, "temperature": 0.7, "no_repeat_ngram_size": 3}  # --chat's defaults (README: why these)
+CHAT_DECODING = {"top_p": 0.9, "temperature": 0.7, "no_repeat_ngram_size": 3}  # --chat's defaults (RESULTS.md, "Chat decoding": why these)
 
 
 def select_prompts(llm, spt, context_ids, context_mask, noise=0.0, force=None, generator=None):

@@ -58,6 +58,7 @@ def pooled_nll(target_logprobs, target_mask):
 
 def selection_loss(scores, prompt_losses, tau_g=1.0, feedback_noise=0.0, tau_s=1.0):
     """Eq. 3: KL(q || p), q = softmax(-L / tau_g) the LLM's feedback (a fixed target), p = softmax(s / tau_s).
+    (The paper writes KL(S, L_normed) without saying which side is the target; the retriever learns to match q.)
 
     scores, prompt_losses: (B, K). tau_s is the authors' `tau_sim` (1 leaves Eq. 3 as printed): with s in
     [0, 1], p can put at most e^(1/tau_s) / (e^(1/tau_s) + K - 1) on one prompt. feedback_noise adds

@@ -237,8 +237,8 @@ def compute_metrics(predictions, references, personas=None, bertscore=False):
 
 
 def prompt_usage_by_turn(turns, chosen_prompts, k):
-    """How often each of the k soft prompts was chosen at each turn: {turn: [count_0, ..., count_k-1]},
-    turns ascending (only the turns that occur)."""
+    """How often each of the k soft prompts was chosen at each turn (the paper's Figure 2):
+    {turn: [count_0, ..., count_k-1]}, turns ascending (only the turns that occur)."""
     if len(turns) != len(chosen_prompts):
         raise ValueError(f"{len(turns)} turns but {len(chosen_prompts)} chosen prompts; give one per example")
     table = {}

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import http.server
 import importlib.util
+import inspect
 import io
 import json
 import logging
@@ -3134,6 +3135,97 @@ def test_cli_plot_without_matplotlib(tmp_path, capsys, uninstalled):
     png = tmp_path / "usage.png"
     metrics.main([path, "--plot", str(png)])
     assert f"matplotlib is not installed, {png} not written (pip install matplotlib)" in capsys.readouterr().out
+
+
+# ============================================================================= issue 30: the front door (README's map, first run, walkthrough)
+
+PAPER_PIECES = ["3.1", *(f"Eq. {n}" for n in range(1, 8)), "Algorithm 1", "A.7", "A.8", *(f"Table {n}" for n in range(1, 5))]
+
+
+def paper_map():
+    """README's paper-to-code table: [(piece, ["file.py:name", ...])], from the rows under "| paper | what | code |"."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| paper | what | code |") + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows.append((cells[0], re.findall(r"`([\w/]+\.py):([\w.]+)`", cells[-1])))
+    return rows
+
+
+def test_readme_paper_map_names_functions_that_name_their_piece_of_the_paper():
+    """Each function the map names exists, and its source or docstring names the row's piece ("Eq. 3"), so the
+    map cannot go stale; every numbered piece the map must cover has a row."""
+    rows = paper_map()
+    assert set(PAPER_PIECES) <= {piece for piece, _ in rows}
+    for piece, refs in rows:
+        assert refs, f"README map row {piece!r} names no `file.py:function`"
+        for path, name in refs:
+            assert (ROOT / path).is_file(), f"README map: {path} does not exist"
+            obj = importlib.import_module(Path(path).stem)
+            for attr in name.split("."):
+                assert hasattr(obj, attr), f"README map: {path} has no {name}"
+                obj = getattr(obj, attr)
+            assert piece in inspect.getsource(obj), f"README map: {path}:{name} does not name {piece!r}"
+
+
+def test_readme_stays_a_front_door():
+    text = (ROOT / "README.md").read_text()
+    assert len(text) <= 12_000, f"README.md has {len(text)} characters; move reports to RESULTS.md"
+    assert "```mermaid" in text and "RESULTS.md" in text
+
+
+def test_two_kinds_set_is_the_routing_sets_food_and_pets():
+    examples = data.load_examples("two-kinds")
+    train_part, held_out = data.split_by_dialogue(examples, 100, shuffle=False)
+    assert len(train_part) == 480 and len(held_out) == 100  # one epoch = 60 steps of 8
+    for part in (train_part, held_out):
+        kinds = [data.routing_kind(ex) for ex in part]
+        assert set(kinds) == {"food", "pets"} and min(kinds.count(k) for k in ("food", "pets")) > 0.4 * len(part)
+    assert examples == data.routing_examples(580, kinds=("pets", "food"))
+    assert data.routing_examples(50) == data.load_examples("routing")[:50]  # kinds=None: all four, as before
+
+
+def test_compare_with_pt_prints_usage_per_kind_and_purity_by_hand(tmp_path):
+    spt_out, pt_out = tmp_path / "spt", tmp_path / "spt" / "pt"
+    pt_out.mkdir(parents=True)
+    kinds = ["food", "food", "pets", "pets", "food"]
+    (spt_out / "heldout.json").write_text(json.dumps({"num_prompts": 4, "nll": 1.5, "chosen": [1, 1, 2, 2, 2], "kinds": kinds}))
+    (pt_out / "heldout.json").write_text(json.dumps({"num_prompts": 1, "nll": 2.0, "chosen": [0] * 5, "kinds": kinds}))
+    text = train.compare_with_pt(spt_out, pt_out)
+    assert "NLL 1.5000" in text and "NLL 2.0000  (SPT - PT: -0.5000)" in text
+    assert "food   contexts: [0, 2, 1, 0]" in text and "pets   contexts: [0, 0, 2, 0]" in text
+    assert "routing purity 0.80" in text and "food -> 1, pets -> 2" in text  # 4 of 5 on their kind's prompt
+
+
+def test_first_run_without_convai2_trains_spt_then_pt_and_compares(tmp_path, monkeypatch, capsys):
+    """`python train.py` with no ConvAI2: the two-kinds set, 100 held out, SPT and then PT scored on them."""
+    monkeypatch.chdir(tmp_path)  # no convai2/ folder here
+    train.main(["--model", "tiny", "--max-steps", "1", "--log-every", "1000", "--out", str(tmp_path / "spt")])
+    out = capsys.readouterr().out
+    assert "training on the built-in two-kinds set, as --data two-kinds --holdout 100 --compare-pt" in out
+    spt, pt = (json.loads((tmp_path / f).read_text()) for f in ("spt/heldout.json", "spt/pt/heldout.json"))
+    assert (spt["num_prompts"], pt["num_prompts"], len(spt["chosen"]), len(pt["kinds"])) == (4, 1, 100, 100)
+    assert json.loads((tmp_path / "spt/pt/config.json").read_text())["method"] == "pt"
+    assert train.compare_with_pt(tmp_path / "spt", tmp_path / "spt" / "pt") in out and "routing purity" in out
+
+
+def test_compare_pt_needs_held_out_data(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "demo", "--compare-pt"])
+    assert "--compare-pt needs held-out dialogues: add --holdout N" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_walkthrough_runs_as_a_script():
+    """walkthrough.py end to end (SmolLM2 when installed, else the tiny model): its asserts hold, every step prints."""
+    done = subprocess.run([sys.executable, "walkthrough.py"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for line in ["per-prompt NLL L (B, K)", "KL(q || p), batch mean", "contrastive loss", "fusion loss", "total ",
+                 "moved by", "chosen prompts"]:
+        assert line in done.stdout
 
 
 # ============================================================================= results/: scripts behind README's numbers

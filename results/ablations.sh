@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README "Results", Table 2 at this scale: SPT (K = 4, L = 1, --recipe paper) without each of Eq. 3-5's terms
+# RESULTS.md "Results", Table 2 at this scale: SPT (K = 4, L = 1, --recipe paper) without each of Eq. 3-5's terms
 # of Eq. 6, seed 0, with greedy decoding for the generation metrics. The full model is spt_paper_seed0 of results/pt_vs_spt.sh.
 # Usage: bash results/ablations.sh   (about 5 hours on 2 CPU cores, plus spt_paper_seed0 if absent; STEPS=5 HOLDOUT=5 OUT=/tmp/x for a quick look on 5 test dialogues)
 source "$(dirname "$0")/convai2_common.sh"

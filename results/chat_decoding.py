@@ -1,4 +1,4 @@
-"""Which chat decoding loops least: an 8-message scripted dialogue per setting (README, First run).
+"""Which chat decoding loops least: an 8-message scripted dialogue per setting (RESULTS.md, "Chat decoding").
 
     python train.py --data demo --out runs/demo && python results/chat_decoding.py runs/demo
 """

@@ -1,4 +1,4 @@
-"""PT versus SPT on ConvAI2 (README "Results"): score finished runs, and write the tables from what is scored.
+"""PT versus SPT on ConvAI2 (RESULTS.md "Results"): score finished runs, and write the tables from what is scored.
 
     python results/convai2.py heldout RUN [RUN ...]  # Eq. 7 held-out NLL on every test example -> RUN/heldout.json
     python results/convai2.py baseline RUN           # the frozen LLM with no prompt, on RUN's test part -> RUNS/no_prompt.json
@@ -152,6 +152,8 @@ def eval_curve(folder):
 
 
 def main_table(runs_dir):
+    """Table 1 at this scale (PT against SPT, held-out NLL over seeds, seed 0's generation metrics), with Table 4's
+    comparison in the same runs: PT with one 4-token prompt against SPT's four 1-token prompts."""
     lines = ["| setting | seeds | held-out NLL (mean ± std over seeds) | per seed | prompt usage per seed |",
              "| --- | ---: | ---: | --- | --- |"]
     baseline_result = read(runs_dir / "no_prompt.json")

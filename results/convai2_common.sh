@@ -18,7 +18,7 @@ if [[ $DATA != demo && ! -f $DATA ]]; then
   exit 0
 fi
 # --prompt-init vocab: the paper's N(0, 1) init has about 7 times the norm of SmolLM2's embedding rows, and a 1-token
-# prompt from it barely moves at lr 0.01 (README "Routing"). --eval-every scores the first 200 test examples.
+# prompt from it barely moves at lr 0.01 (RESULTS.md "Routing"). --eval-every scores the first 200 test examples.
 # 300 steps: PT L = 1's held-out NLL fell 0.11, then 0.06 per 50 steps up to step 150 (3.457, 3.348, 3.287), so 150 was
 # not enough for the curve to flatten.
 TRAIN=(--model "$MODEL" --data "$DATA" --holdout "$HOLDOUT" --max-steps "$STEPS" --batch-size 8 --device cpu

@@ -1,4 +1,4 @@
-"""Fill README.md's result blocks from committed outputs, so no number in README is typed by hand.
+"""Fill the result blocks of RESULTS.md and README.md from committed outputs, so no number in them is typed by hand.
 
 A block is the text between `<!-- BEGIN path -->` and `<!-- END path -->`; it is replaced by the
 file at `path` (relative to the project root), or by only its Markdown table lines for `path#table`.
@@ -18,7 +18,7 @@ def fill(text):
         name, _, part = match.group(2).partition("#")
         path = ROOT / name
         if not path.is_file():
-            sys.exit(f"error: README block names {name}, which does not exist: run the results script that writes it")
+            sys.exit(f"error: a block names {name}, which does not exist: run the results script that writes it")
         text = path.read_text()
         if part == "table":
             text = "".join(line for line in text.splitlines(keepends=True) if line.startswith("|"))
@@ -27,11 +27,12 @@ def fill(text):
 
 
 def main():
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    filled = fill(text)
-    readme.write_text(filled)
-    print(f"README.md: {len(BLOCK.findall(text))} blocks filled, {'changed' if filled != text else 'unchanged'}")
+    for name in ("RESULTS.md", "README.md"):
+        path = ROOT / name
+        text = path.read_text()
+        filled = fill(text)
+        path.write_text(filled)
+        print(f"{name}: {len(BLOCK.findall(text))} blocks filled, {'changed' if filled != text else 'unchanged'}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README "Results", Table 3 at this scale: SPT (L = 1, --recipe paper) with K = 2, 4 and 8 prompts, seed 0.
+# RESULTS.md "Results", Table 3 at this scale: SPT (L = 1, --recipe paper) with K = 2, 4 and 8 prompts, seed 0.
 # K = 1 is the PT L = 1 run (the same updates; results/convai2.py, num_prompts_table, says why; a test checks it).
 # Usage: bash results/num_prompts.sh   (about 5.5 hours on 2 CPU cores: K = 2 about 1.2, K = 8 about 4.2; plus the K = 1 and 4 runs if absent; STEPS=5 HOLDOUT=5 OUT=/tmp/x for a quick look on 5 test dialogues)
 source "$(dirname "$0")/convai2_common.sh"

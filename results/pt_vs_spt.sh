@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README "Results", Table 1 at this scale: PT with L = 1 and L = 4, and SPT with K = 4 prompts of L = 1 under the
+# RESULTS.md "Results", Table 1 at this scale: PT with L = 1 and L = 4, and SPT with K = 4 prompts of L = 1 under the
 # paper's and the authors' losses, for each seed in SEEDS (default 0 1 2); seed 0 also decodes greedily.
 # Usage: bash results/pt_vs_spt.sh   (about 7 hours per seed on 2 CPU cores at 113 GFLOP/s: a PT step takes ~8 s, an SPT step ~28 s; STEPS=5 HOLDOUT=5 OUT=/tmp/x for a 17-minute quick look;
 # ONLY="pt_L1_seed1 spt_paper_seed1" runs just those). A cut run continues from its checkpoint when run again.

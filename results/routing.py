@@ -1,4 +1,4 @@
-"""The controlled routing check (README "Routing"): does the retriever send each kind of context to a prompt of its own?
+"""The controlled routing check (RESULTS.md "Routing"): does the retriever send each kind of context to a prompt of its own?
 
     python results/routing.py oracle-data DIR   # one JSONL per kind of the routing set's training part
     python results/routing.py report RUNS       # held-out NLL and routing purity of the runs in RUNS

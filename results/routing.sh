@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The controlled routing check of README "Routing": PT, SPT with the paper's and with the authors' losses,
+# The controlled routing check of RESULTS.md "Routing": PT, SPT with the paper's and with the authors' losses,
 # and an oracle (a PT prompt per kind, trained on that kind only), the same steps each, on the generated
 # routing set (`--data routing`, data.routing_examples); then held-out NLL and routing purity.
 # The oracle is SPT with perfect routing: each of its 4 prompts takes STEPS steps of 2 examples of its kind,
