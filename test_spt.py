@@ -2087,8 +2087,9 @@ def test_distributed_training_equals_single_process(tmp_path, dtype):
     # CPU, none on another). A real error moves many elements by about lr (0.01), so 1e-4 still catches it.
     for name in one:
         assert (one[name] - two[name]).abs().max().item() < 1e-4, name
+    # bf16: rows computed 4 to a process or 2 round differently (6.7e-5 of a loss of 31 seen), so rel 1e-5 there
     assert [r["loss"] for r in read_log(tmp_path / "one" / "log.jsonl")] == pytest.approx(
-        [r["loss"] for r in read_log(tmp_path / "two" / "log.jsonl")], abs=1e-5)
+        [r["loss"] for r in read_log(tmp_path / "two" / "log.jsonl")], abs=1e-5, rel=1e-5 if dtype == "bfloat16" else 0)
 
 
 NAN_ON_RANK_1 = """import os, sys
@@ -2542,7 +2543,9 @@ def test_chat_answers_and_obeys_commands(tmp_path):
     done = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path), "--chat", "--persona", "i love hiking.",
                            "--max-new-tokens", "4"], cwd=ROOT, input=typed, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("decoding: top-p 0.9, temperature 0.7, no repeated 3-grams (")  # its first line
+    model_line, rest = done.stdout.split("\n", 1)
+    assert model_line.startswith("model tiny on cpu in ")  # the dtype and why
+    assert rest.startswith("decoding: top-p 0.9, temperature 0.7, no repeated 3-grams (")  # its next line
     assert done.stdout.count("bot [prompt ") == 2  # one answer per message, naming the prompt Eq. 7 chose
     assert "you> persona: i love hiking." in done.stdout
     assert "persona: i am a pilot. i love cats." in done.stdout

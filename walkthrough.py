@@ -111,7 +111,9 @@ assert torch.isclose(selection, (q * (q.log() - p.log())).sum(-1).mean(), atol=1
 # ## Eq. 4: the contrastive loss over pairs of contexts
 #
 # M is sentence BLEU between two context texts. Pairs with $M > \Gamma$ = 20 pull their score vectors
-# together ($1 - \cos$), the others push them apart ($\max(0, \cos)$); the loss is the mean over ordered pairs.
+# together ($1 - \cos$), the others push them apart ($\max(0, \cos)$). Algorithm 1 adds the terms of all ordered
+# pairs, as it adds each example's terms; with the per-example terms taken as means over the B examples, the
+# pair sum is divided by the same B (`--con-reduction pair-sum`, the paper recipe's default).
 # At the start every context's score vector points nearly the same way (the mean token embeddings of two
 # contexts are nearly parallel), so each pair pushed apart costs close to 1.
 
@@ -128,7 +130,7 @@ for i in range(B):
             print(f"pair ({i}, {j}): M = {bleu[i, j]:5.1f} -> {'similar, 1 - cos' if similar else 'apart, max(0, cos)'} = {terms[-1]:.5f}")
 contrastive = losses.contrastive_loss(scores, bleu, threshold=20.0)
 print(f"contrastive loss: {contrastive.item():.5f}")
-assert torch.isclose(contrastive, torch.stack(terms).mean(), atol=1e-6)
+assert torch.isclose(contrastive, torch.stack(terms).sum() / B, atol=1e-6)
 
 # %% [markdown]
 # ## Eq. 5: the fusion loss

@@ -82,7 +82,8 @@ def report(runs_dir):
     train_part, held_out = split()
     kinds = [data.routing_kind(ex) for ex in held_out]
     config = json.loads((runs_dir / RUNS[0][0] / "config.json").read_text())
-    llm, tok = load_llm(config["model"], device="cpu", dtype=train.resolve_dtype(config["args"]["dtype"], torch.device("cpu")))
+    dtype = config.get("dtype", "float32")  # the runs' own dtype; runs from before configs recorded it were float32
+    llm, tok = load_llm(config["model"], device="cpu", dtype=getattr(torch, dtype))
     encoded = [data.encode_example(ex, tok, config["max_len"]) for ex in held_out]
     batches = list(data.batches(encoded, 8, tok.pad_id, shuffle=False))
     rows = []
