@@ -73,6 +73,27 @@ def selection_loss(scores, prompt_losses, tau_g=1.0, feedback_noise=0.0, tau_s=1
     return (torch.xlogy(q, q) - q * log_p).sum(-1).mean()
 
 
+NLL_WEIGHTS = ("uniform", "feedback", "retriever")
+
+
+def prompt_nll_weights(which, prompt_losses, scores, tau_g=1.0, tau_s=1.0):
+    """How much each example's NLL under each prompt counts in Eq. 6 -> (B, K), detached, each row summing to K.
+
+    "uniform": 1 each, Eq. 6 as printed (every prompt learns from every example). "feedback": K q, the LLM's
+    feedback of Eq. 3, so each example trains mainly the prompts that already suit it best (an EM step for a
+    mixture of prompts). "retriever": K p, the retriever's distribution of Eq. 3, so each prompt trains mainly
+    on the contexts the retriever sends it, as Eq. 7 will at inference. prompt_losses, scores: (B, K).
+    """
+    K = prompt_losses.shape[1]
+    if which == "uniform":
+        return torch.ones_like(prompt_losses)
+    if which == "feedback":
+        return K * F.softmax(-prompt_losses.detach().float() / tau_g, dim=-1)
+    if which == "retriever":
+        return K * F.softmax(scores.detach().float() / tau_s, dim=-1)
+    raise ValueError(f"NLL weights {which!r}: use one of {', '.join(NLL_WEIGHTS)}")
+
+
 CON_REDUCTIONS = ("pair-sum", "pair-mean")
 
 
@@ -125,7 +146,7 @@ def bleu_matrix(texts, rows=None):
 
 def total_loss(target_logprobs, target_mask, scores=None, bleu=None, tau_g=1.0, threshold=20.0,
                lambda_con=1.0, lambda_sel=1.0, lambda_fusion=1.0, feedback_noise=0.0, pair_scores=None,
-               tau_s=1.0, nll_reduction="sum", fused_logprobs=None, con_reduction="pair-sum"):
+               tau_s=1.0, nll_reduction="sum", fused_logprobs=None, con_reduction="pair-sum", nll_weights="uniform"):
     """Eq. 6: sum_i mean_b L[b, i] + lambda1 L_con + lambda2 L_sel + lambda3 L_fusion.
 
     Algorithm 1 sums each example's terms over the batch (line 14) and L_con over the pairs (line 26). Here
@@ -139,13 +160,20 @@ def total_loss(target_logprobs, target_mask, scores=None, bleu=None, tau_g=1.0, 
     A term whose lambda is 0 is skipped (the ablations of Table 2; the PT baseline sets all three to 0 and
     needs no scores). The authors' code differs in more places, each an option: nll_reduction="mean"
     replaces the sum over prompts by pooled_nll, fused_logprobs (B, T) from score_logits_logprobs replaces
-    Eq. 5's average, con_reduction="pair-mean". Returns (total, parts) with parts the detached scalar terms.
+    Eq. 5's average, con_reduction="pair-mean". nll_weights (prompt_nll_weights) weighs each prompt's NLL per
+    example in the sum over prompts (not Eq. 6; an option of the routed recipe). Returns (total, parts) with parts the detached scalar terms.
     """
     if lambda_con is None or lambda_sel is None:
         raise ValueError("lambda_con and lambda_sel are unset: the authors' recipe sets them for the model's family "
                          "once the model is loaded (train.resolve_recipe)")
     prompt_losses = soft_prompt_losses(target_logprobs, target_mask)  # (B, K)
-    total = prompt_losses.mean(0).sum() if nll_reduction == "sum" else pooled_nll(target_logprobs, target_mask)
+    if nll_reduction == "sum":
+        weights = prompt_nll_weights(nll_weights, prompt_losses, scores, tau_g, tau_s)  # (B, K)
+        total = (weights * prompt_losses).mean(0).sum()
+    elif nll_weights == "uniform":
+        total = pooled_nll(target_logprobs, target_mask)
+    else:
+        raise ValueError(f"nll_weights {nll_weights!r} weighs Eq. 6's sum over prompts: it needs nll_reduction 'sum'")
     parts = {"nll": total.detach()}
     if lambda_con:
         parts["con"] = contrastive_loss(scores if pair_scores is None else pair_scores, bleu, threshold, con_reduction)

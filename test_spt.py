@@ -46,6 +46,7 @@ import losses  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
 from llm_loader import load_llm  # noqa: E402
+import model  # noqa: E402
 from model import Linear, ModelConfig  # noqa: E402
 from retriever import SPT, prompted_inputs  # noqa: E402
 
@@ -1350,6 +1351,57 @@ def test_total_loss_is_eq6_sum_and_ablations_drop_terms():
     assert set(parts) == {"nll", "con", "sel", "fusion"}
     total, parts = losses.total_loss(lp[:, :1], mask, lambda_con=0, lambda_sel=0, lambda_fusion=0)  # PT
     assert set(parts) == {"nll"} and total.item() == pytest.approx(losses.soft_prompt_losses(lp[:, :1], mask).mean().item(), abs=1e-6)
+
+
+def test_nll_weights_weigh_each_prompts_nll_by_k_q_or_k_p():
+    """--nll-weights: Eq. 6's sum over prompts with each example's K NLLs weighted by K q (the LLM's feedback) or
+    K p (the retriever's distribution), by hand; uniform is the printed sum; the weights carry no gradient."""
+    lp, mask = random_logprobs(2, 3, 5, seed=7)
+    lp.requires_grad_(True)
+    scores = torch.tensor([[0.9, 0.1, 0.4], [0.2, 0.8, 0.5]], requires_grad=True)
+    L = losses.soft_prompt_losses(lp, mask).detach()  # (2, 3)
+    q, p = torch.softmax(-L, -1), torch.softmax(scores.detach() / 0.5, -1)
+    for which, weights in (("uniform", torch.ones(2, 3)), ("feedback", 3 * q), ("retriever", 3 * p)):
+        total, parts = losses.total_loss(lp, mask, scores, lambda_con=0, lambda_sel=0, lambda_fusion=0, tau_s=0.5,
+                                         nll_weights=which)
+        by_hand = sum(weights[b, k] * L[b, k] for b in range(2) for k in range(3)) / 2
+        assert total.item() == pytest.approx(by_hand.item(), abs=1e-5), which
+    total.backward()
+    assert lp.grad is not None and scores.grad is None  # the retriever's p only weighs; the NLL term sends it no gradient
+    assert losses.prompt_nll_weights("feedback", L, scores).sum(-1).tolist() == pytest.approx([3.0, 3.0])
+    with pytest.raises(ValueError, match="needs nll_reduction 'sum'"):
+        losses.total_loss(lp, mask, scores, lambda_con=0, lambda_sel=0, lambda_fusion=0, nll_reduction="mean",
+                          nll_weights="feedback")
+
+
+def test_attention_by_matmul_equals_sdpa_with_masks_gqa_and_a_cache():
+    """model.attention_by_matmul (bf16/fp16 on CPU, small problems) computes what SDPA does: a padding mask,
+    causal only (mask None), grouped-query heads, and one query over a cache of earlier keys; float32 to 1e-5."""
+    g = torch.Generator().manual_seed(0)
+    key_mask = torch.ones(3, 7, dtype=torch.long)
+    key_mask[0, :2] = 0  # left padding
+    for T, mask in ((7, model.attention_mask_4d(key_mask, 7)), (7, None), (1, model.attention_mask_4d(key_mask, 1))):
+        q, k, v = torch.randn(3, 6, T, 8, generator=g), torch.randn(3, 2, 7, 8, generator=g), torch.randn(3, 2, 7, 8, generator=g)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        assert (model.attention_by_matmul(q, k, v, mask) - expected).abs().max().item() < 1e-5
+    wrong_heads = model.attention_by_matmul(q, k.flip(1), v.flip(1), mask)
+    assert (wrong_heads - expected).abs().max().item() > 1e-2  # each query head reads its own key head
+
+
+def test_right_padded_forward_equals_the_masked_one_at_real_positions():
+    """LLM.forward(right_padded=True) attends with the causal mask alone: at every real token of a right-padded
+    batch the hidden states equal the padding-masked forward's; on a left-padded batch they would not."""
+    llm, tok, encoded, batch = tiny_batch(max_len=400)
+    assert not batch.attention_mask.all()  # rows of different lengths: there is padding to ignore
+    masked = llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, return_hidden=True)
+    causal = llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, return_hidden=True, right_padded=True)
+    real = batch.attention_mask.bool()
+    assert (masked[real] - causal[real]).abs().max().item() < 1e-5
+    assert (masked[~real] - causal[~real]).abs().max().item() > 1e-3  # pads see pads now: only they change
+    left_ids, left_mask = data.left_pad_prompts(encoded, tok.pad_id)
+    left = llm(input_ids=left_ids, attention_mask=left_mask, return_hidden=True)
+    wrong = llm(input_ids=left_ids, attention_mask=left_mask, return_hidden=True, right_padded=True)
+    assert (left[left_mask.bool()] - wrong[left_mask.bool()]).abs().max().item() > 1e-3
 
 
 def test_total_loss_passes_its_settings_to_eq3_and_eq4():

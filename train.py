@@ -48,9 +48,9 @@ RECIPES = {
 }
 FROM_RECIPE = "(default: from --recipe%(default).0s)"  # %(default).0s prints nothing; it stops "(default: None)"
 LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "con_reduction", "tau_g", "tau_s", "gamma",
-                 "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
+                 "nll_weights", "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
 # Loss settings added after runs were committed, with the value those runs used: a config without the key means it.
-LEGACY_SETTINGS = {"con_reduction": "pair-mean"}
+LEGACY_SETTINGS = {"con_reduction": "pair-mean", "nll_weights": "uniform"}
 
 
 def parse_args(argv=None):
@@ -103,6 +103,10 @@ def parse_args(argv=None):
                         "process's under torchrun), divided by B like the per-example terms, which are batch means: "
                         "(B - 1) x the pair mean (paper); pair-mean: the mean over the pairs (authors; also every run "
                         "whose config has no con_reduction) " + FROM_RECIPE)
+    p.add_argument("--nll-weights", choices=losses.NLL_WEIGHTS, default="uniform",
+                   help="how much each prompt's NLL counts per example in Eq. 6's sum over prompts: uniform (paper: "
+                        "every prompt learns from every example), feedback (K q: mainly the prompts the LLM prefers "
+                        "for the example), retriever (K p: mainly the prompts the retriever sends it to)")
     p.add_argument("--tau-g", type=float, default=1.0, help="temperature of the LLM feedback softmax (Eq. 3)")
     p.add_argument("--tau-s", type=float, default=1.0,
                    help="temperature of the retriever softmax p = softmax(s / tau_s) (Eq. 3; the authors' tau_sim)")
@@ -353,7 +357,7 @@ def spt_forward(llm, spt, batch, score_fusion=False, groups=None):
     for group in groups or forward_groups(batch):
         rows, T_group = group.rows, group.length
         embeds, mask = prompted_inputs(prompts, token_embeds[rows, :T_group], batch.attention_mask[rows, :T_group])
-        hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)  # (K*b, L+T_group, E)
+        hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True, right_padded=True)  # (K*b, L+T_group, E)
         group_logprobs, group_fused = target_logprobs_from_hidden(
             llm, hidden, batch.input_ids[rows, :T_group], batch.target_mask[rows, :T_group], prompts.shape[1],
             scores[rows] if score_fusion else None, (group.target_rows, group.target_cols))
@@ -369,7 +373,7 @@ def prompted_nll(llm, soft_prompts, batch):
     B, L, _ = soft_prompts.shape
     embeds = torch.cat([soft_prompts.to(llm.lm_head.weight.dtype), llm.embed(batch.input_ids)], dim=1)
     mask = torch.cat([batch.attention_mask.new_ones(B, L), batch.attention_mask], dim=1)
-    hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)
+    hidden = llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True, right_padded=True)
     logprobs, _ = target_logprobs_from_hidden(llm, hidden, batch.input_ids, batch.target_mask, L)
     return losses.soft_prompt_losses(logprobs, batch.target_mask)[:, 0]
 
@@ -464,7 +468,8 @@ def step_loss(llm, spt, batch, args, world, groups=None, pair_texts=None):
         target_logprobs, batch.target_mask, scores, bleu, tau_g=args.tau_g, threshold=args.gamma,
         lambda_con=args.lambda_con, lambda_sel=args.lambda_sel, lambda_fusion=args.lambda_fusion,
         feedback_noise=args.feedback_noise, pair_scores=pair_scores, tau_s=args.tau_s,
-        nll_reduction=args.nll_reduction, fused_logprobs=fused_logprobs, con_reduction=args.con_reduction)
+        nll_reduction=args.nll_reduction, fused_logprobs=fused_logprobs, con_reduction=args.con_reduction,
+        nll_weights=args.nll_weights)
     stats = routing_stats(getattr(spt, "module", spt), llm, batch, scores.detach(),
                           losses.soft_prompt_losses(target_logprobs.detach(), batch.target_mask), args)
     return total, parts, scores.detach(), {**stats, "bleu_seconds": bleu_seconds}
