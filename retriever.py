@@ -18,11 +18,13 @@ def masked_mean(x, mask):
 class SPT(nn.Module):
     """Soft prompt group (K, L, E) and the dense retriever that scores it against contexts."""
 
-    def __init__(self, num_prompts, prompt_len, embed_dim):
+    def __init__(self, num_prompts, prompt_len, embed_dim, center_contexts=False):
         super().__init__()
         self.soft_prompts = nn.Parameter(torch.randn(num_prompts, prompt_len, embed_dim))  # standard Gaussian (4.2)
         self.lin_context = nn.Linear(embed_dim, embed_dim)  # lin_C of Eq. 1
         self.lin_prompt = nn.Linear(embed_dim, embed_dim)  # lin_sp of Eq. 1
+        if center_contexts:  # not in the paper: the routed recipe's --center-contexts (set_context_center)
+            self.register_buffer("context_center", torch.zeros(embed_dim))
 
     @property
     def num_prompts(self):
@@ -47,10 +49,23 @@ class SPT(nn.Module):
         """The soft prompts (K, L, E) and their scores (B, K); a forward, so data parallelism can wrap it."""
         return self.soft_prompts, self.scores(context_embeds, context_mask)
 
+    @torch.no_grad()
+    def set_context_center(self, context_means):
+        """Store the training contexts' mean token embedding: context_means (N, E), one row per context."""
+        self.context_center.copy_(context_means.float().mean(0))
+
     def context_vectors(self, context_embeds, context_mask):
-        """v_C (B, E) = mean over the real tokens of lin_C(emb_C); context_embeds (B, Tc, E), context_mask (B, Tc)."""
+        """v_C (B, E) = mean over the real tokens of lin_C(emb_C); context_embeds (B, Tc, E), context_mask (B, Tc).
+
+        With a context_center mu (the routed recipe): lin_C(mean emb_C) - lin_C(mu) = W (mean emb_C - mu), so
+        what every context shares, lin_C's bias included, cannot make all v_C one vector and send every context
+        to the same prompt.
+        """
         context_embeds = context_embeds.to(self.lin_context.weight.dtype)  # a bf16 LLM feeds a float32 retriever
-        return masked_mean(self.lin_context(context_embeds), context_mask)
+        v_context = masked_mean(self.lin_context(context_embeds), context_mask)
+        if hasattr(self, "context_center"):
+            v_context = v_context - self.lin_context(self.context_center)
+        return v_context
 
     def scores(self, context_embeds, context_mask):
         """Eq. 1: s (B, K) = Softplus_10(cos(mean lin_C(emb_C), mean lin_sp(sp_i))), in [0, 1].

@@ -1456,6 +1456,31 @@ def test_retriever_scores_span_zero_to_one():
     assert scores[2].item() == pytest.approx(math.log(2) / 10, abs=1e-6)  # cos 0 -> log(2) / beta
 
 
+def test_centred_context_vectors_drop_what_every_context_shares(tmp_path):
+    """--center-contexts: v_C = W (mean emb_C - mu) by hand (lin_C's bias gone), a component every context and mu
+    share changes no v_C, and the centre travels with the checkpoint."""
+    torch.manual_seed(0)
+    spt = SPT(num_prompts=2, prompt_len=1, embed_dim=4, center_contexts=True)
+    embeds, mask = torch.randn(3, 5, 4), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    means = torch.stack([embeds[b, :int(mask[b].sum())].mean(0) for b in range(3)])  # (3, E)
+    spt.set_context_center(means)
+    mu = means.mean(0)
+    by_hand = (means - mu) @ spt.lin_context.weight.T
+    assert (spt.context_vectors(embeds, mask) - by_hand).abs().max().item() < 1e-5
+    shift = torch.tensor([5.0, -3.0, 2.0, 7.0])
+    shifted = SPT(num_prompts=2, prompt_len=1, embed_dim=4, center_contexts=True)
+    shifted.load_state_dict(spt.state_dict())
+    shifted.set_context_center(means + shift)
+    assert (shifted.context_vectors(embeds + shift, mask) - by_hand).abs().max().item() < 1e-5
+    uncentred = SPT(num_prompts=2, prompt_len=1, embed_dim=4)
+    uncentred.load_state_dict({k: v for k, v in spt.state_dict().items() if k != "context_center"})
+    assert (uncentred.context_vectors(embeds + shift, mask) - by_hand).abs().max().item() > 1.0
+    out = tmp_path / "run"
+    train.train(train.parse_args(TINY + ["--max-len", "64", "--max-steps", "1", "--center-contexts", "--out", str(out)]))
+    reloaded, config = train.load_checkpoint(out)
+    assert config["center_contexts"] and reloaded.context_center.abs().sum() > 0
+
+
 def test_retriever_gradients_reach_its_parts():
     spt = SPT(num_prompts=2, prompt_len=1, embed_dim=4)
     spt.scores(torch.randn(3, 5, 4), torch.ones(3, 5)).sum().backward()
@@ -1818,7 +1843,7 @@ def test_first_log_line_shows_the_resolved_recipe(tmp_path, capsys):
     train.train(train.parse_args(TINY + ["--max-len", "64", "--max-steps", "1", "--recipe", "authors", "--out", str(tmp_path)]))
     assert capsys.readouterr().out.splitlines()[0] == (
         "recipe authors (SPT): lr 0.0001, lambda-con 1, lambda-sel 1, lambda-fusion 1, nll-reduction mean, "
-        "con-reduction pair-mean, fusion score-logits, contrast-text persona")
+        "con-reduction pair-mean, fusion score-logits, contrast-text persona, nll-weights uniform, tau-s 1")
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["args"]["lr"], config["con_reduction"]) == (1e-4, "pair-mean")
 
@@ -1887,6 +1912,7 @@ FLAG_ROWS = [
     ("--lambda-fusion", "0.5", {"lambda_fusion": 0.5}),
     ("--lambda-fusion", "0", {"lambda_fusion": 0.0}),
     ("--con-reduction", "pair-mean", {"con_reduction": "pair-mean"}),
+    ("--nll-weights", "retriever", {"nll_weights": "retriever"}),  # feedback: q is near uniform on the tiny model
     ("--recipe", "authors", {"fusion": "score-logits", "texts": "persona", "nll_reduction": "mean",
                              "con_reduction": "pair-mean", "lambda_con": 1.0, "lambda_sel": 1.0}),  # their Llama config
 ]

@@ -30,7 +30,7 @@ import losses
 import metrics
 from llm_loader import load_llm
 from model import Linear
-from retriever import SPT, prompted_inputs
+from retriever import SPT, masked_mean, prompted_inputs
 
 DEFAULT_CONVAI2 = Path("convai2") / "train_self_original_no_cands.txt"
 # Loss settings and learning rate of each recipe: the paper as printed (Eq. 1-6, Algorithm 1, Table 6), or the authors'
@@ -42,15 +42,16 @@ DEFAULT_CONVAI2 = Path("convai2") / "train_self_original_no_cands.txt"
 # trainer/peft_trainer.py overwrites it (and ds_config.json's lr) with the command line's --lr.
 RECIPES = {
     "paper": {"fusion": "prob-mean", "contrast_text": "context", "nll_reduction": "sum", "con_reduction": "pair-sum",
-              "lambda_con": 1.0, "lambda_sel": 1.0, "lr": 0.01},
+              "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "lambda_con": 1.0, "lambda_sel": 1.0, "lr": 0.01},
     "authors": {"fusion": "score-logits", "contrast_text": "persona", "nll_reduction": "mean", "con_reduction": "pair-mean",
-                "lambda_con": {"opt": 0.4, "llama": 1.0}, "lambda_sel": {"opt": 0.4, "llama": 1.0}, "lr": 1e-4},
+                "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "lambda_con": {"opt": 0.4, "llama": 1.0},
+                "lambda_sel": {"opt": 0.4, "llama": 1.0}, "lr": 1e-4},
 }
 FROM_RECIPE = "(default: from --recipe%(default).0s)"  # %(default).0s prints nothing; it stops "(default: None)"
 LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "con_reduction", "tau_g", "tau_s", "gamma",
-                 "nll_weights", "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
+                 "nll_weights", "center_contexts", "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
 # Loss settings added after runs were committed, with the value those runs used: a config without the key means it.
-LEGACY_SETTINGS = {"con_reduction": "pair-mean", "nll_weights": "uniform"}
+LEGACY_SETTINGS = {"con_reduction": "pair-mean", "nll_weights": "uniform", "center_contexts": False}
 
 
 def parse_args(argv=None):
@@ -103,13 +104,18 @@ def parse_args(argv=None):
                         "process's under torchrun), divided by B like the per-example terms, which are batch means: "
                         "(B - 1) x the pair mean (paper); pair-mean: the mean over the pairs (authors; also every run "
                         "whose config has no con_reduction) " + FROM_RECIPE)
-    p.add_argument("--nll-weights", choices=losses.NLL_WEIGHTS, default="uniform",
-                   help="how much each prompt's NLL counts per example in Eq. 6's sum over prompts: uniform (paper: "
-                        "every prompt learns from every example), feedback (K q: mainly the prompts the LLM prefers "
-                        "for the example), retriever (K p: mainly the prompts the retriever sends it to)")
+    p.add_argument("--nll-weights", choices=losses.NLL_WEIGHTS, default=None,
+                   help="how much each prompt's NLL counts per example in Eq. 6's sum over prompts: uniform (paper, "
+                        "authors: every prompt learns from every example), feedback (K q: mainly the prompts the LLM "
+                        "prefers for the example), retriever (K p: mainly the prompts the retriever sends it to) " + FROM_RECIPE)
+    p.add_argument("--center-contexts", action=argparse.BooleanOptionalAction, default=None,
+                   help="subtract the training contexts' mean token embedding from each context before the retriever "
+                        "(v_C = W (mean emb_C - mu), SPT.context_vectors), so no shared component sends every context to "
+                        "one prompt; paper, authors: off " + FROM_RECIPE)
     p.add_argument("--tau-g", type=float, default=1.0, help="temperature of the LLM feedback softmax (Eq. 3)")
-    p.add_argument("--tau-s", type=float, default=1.0,
-                   help="temperature of the retriever softmax p = softmax(s / tau_s) (Eq. 3; the authors' tau_sim)")
+    p.add_argument("--tau-s", type=float, default=None,
+                   help="temperature of the retriever softmax p = softmax(s / tau_s) (Eq. 3; the authors' tau_sim); "
+                        "paper, authors: 1 " + FROM_RECIPE)
     p.add_argument("--gamma", type=float, default=20.0, help="BLEU threshold (0-100) of similar context pairs (Eq. 4)")
     p.add_argument("--lambda-con", type=float, default=None,
                    help="lambda1, weight of the contrastive loss (Eq. 6); 0 switches it off; paper: 1, authors: 0.4 "
@@ -169,7 +175,8 @@ def recipe_line(args):
     """The resolved loss settings and lr, for train.py's first log line."""
     return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g}, lambda-con {args.lambda_con:g}, "
             f"lambda-sel {args.lambda_sel:g}, lambda-fusion {args.lambda_fusion:g}, nll-reduction {args.nll_reduction}, "
-            f"con-reduction {args.con_reduction}, fusion {args.fusion}, contrast-text {args.contrast_text}")
+            f"con-reduction {args.con_reduction}, fusion {args.fusion}, contrast-text {args.contrast_text}, "
+            f"nll-weights {args.nll_weights}, tau-s {args.tau_s:g}")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -569,7 +576,7 @@ def load_checkpoint(ckpt, embed_dim=None, device="cpu"):
     if embed_dim is not None and config["embed_dim"] != embed_dim:
         raise ValueError(f"checkpoint {ckpt} was trained for embedding width {config['embed_dim']} "
                          f"(model {config['model']}), but this model has {embed_dim}: load it with --model {config['model']}")
-    spt = SPT(config["num_prompts"], config["prompt_len"], config["embed_dim"])
+    spt = SPT(config["num_prompts"], config["prompt_len"], config["embed_dim"], config["center_contexts"])
     tensors = load_file(ckpt / "spt.safetensors")
     expected = {name: tuple(t.shape) for name, t in spt.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -604,6 +611,16 @@ def setup_distributed(args):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world, dist.get_rank(), device
+
+
+@torch.no_grad()
+def context_means(llm, encoded, pad_id, device, batch_size=64):
+    """Each training context's mean token embedding (N, E), for --center-contexts (frozen embeddings: no LLM forward)."""
+    means = []
+    for i in range(0, len(encoded), batch_size):
+        batch = data.collate(encoded[i:i + batch_size], pad_id).to(device)
+        means.append(masked_mean(llm.embed(batch.context_ids).float(), batch.context_mask))
+    return torch.cat(means)
 
 
 def micro_batches(encoded, args, pad_id, start, rank, world):
@@ -666,7 +683,9 @@ def train(args):
         [data.encode_example(ex, tok, args.max_len) for ex in held_out[:args.eval_examples]],
         args.batch_size, tok.pad_id, shuffle=False))[rank::world]] if args.eval_every else []
 
-    spt = SPT(args.num_prompts, args.prompt_len, llm.embed_dim)
+    spt = SPT(args.num_prompts, args.prompt_len, llm.embed_dim, args.center_contexts)
+    if args.center_contexts:
+        spt.set_context_center(context_means(llm, encoded, tok.pad_id, device))
     if args.prompt_init == "vocab":
         spt.init_from_vocab(llm.model.embed_tokens.weight.float().cpu())
     spt.to(device)
