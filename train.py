@@ -46,6 +46,10 @@ RECIPES = {
     "authors": {"fusion": "score-logits", "contrast_text": "persona", "nll_reduction": "mean", "con_reduction": "pair-mean",
                 "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "lambda_con": {"opt": 0.4, "llama": 1.0},
                 "lambda_sel": {"opt": 0.4, "llama": 1.0}, "lr": 1e-4},
+    # Not a source's: the paper's losses plus what made the routing set route (RESULTS.md, "A recipe that routes").
+    "routed": {"fusion": "prob-mean", "contrast_text": "context", "nll_reduction": "sum", "con_reduction": "pair-sum",
+               "nll_weights": "retriever", "tau_s": 1.0, "center_contexts": True, "lambda_con": 1.0, "lambda_sel": 1.0,
+               "lr": 0.01},
 }
 FROM_RECIPE = "(default: from --recipe%(default).0s)"  # %(default).0s prints nothing; it stops "(default: None)"
 LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "con_reduction", "tau_g", "tau_s", "gamma",
@@ -90,7 +94,9 @@ def parse_args(argv=None):
                         "prompts, L_con summed over the pairs: pair-sum, lambdas 1, lr 0.01); 'authors': the authors' "
                         "public code (score-logits fusion, persona BLEU, pooled NLL, L_con averaged over the pairs: "
                         "pair-mean, lr 1e-4, lambda-con = lambda-sel = 0.4 for OPT and 1 for Llama models, as their "
-                        "configs give). A flag given explicitly wins; train.py's first line shows the resolved values")
+                        "configs give); 'routed': the paper's plus --nll-weights retriever and --center-contexts "
+                        "(not a source's). A flag given explicitly wins; train.py's first line shows "
+                        "the resolved values")
     p.add_argument("--fusion", choices=["prob-mean", "score-logits"], default=None,
                    help="Eq. 5 as printed (NLL of the mean of the K distributions), or the authors' cross-entropy "
                         "of sum_k s_k * logits_k " + FROM_RECIPE)

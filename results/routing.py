@@ -2,6 +2,7 @@
 
     python results/routing.py oracle-data DIR   # one JSONL per kind of the routing set's training part
     python results/routing.py report RUNS       # held-out NLL and routing purity of the runs in RUNS
+    python results/routing.py routed RUNS       # the same over seeds for results/routed.sh, with its ablation
 
 The data is data.routing_examples() (`--data routing`): four kinds of context, each with a response
 pattern the context does not reveal. `report` scores the last 200 examples (`--holdout 200`, never
@@ -126,6 +127,73 @@ def report(runs_dir):
     plot(runs_dir)
 
 
+ROUTED_RUNS = [("pt", "PT (K = 1)"), ("spt_paper", "SPT, --recipe paper"), ("spt_routed", "SPT, --recipe routed"),
+               ("oracle", "oracle (a PT prompt per kind, picked by kind)")]
+ABLATIONS = [("no_nll_weights", "--recipe routed --nll-weights uniform"),
+             ("no_center_contexts", "--recipe routed --no-center-contexts")]
+
+
+def score_folder(llm, batches, kinds, folder, label):
+    """summarize() of one run folder: an SPT/PT checkpoint picked by Eq. 7, or (oracle) the four one-kind PT runs."""
+    if folder.name != "oracle":
+        spt, config = train.load_checkpoint(folder, llm.embed_dim)
+        choose = lambda batch: spt.scores(llm.embed(batch.context_ids), batch.context_mask).argmax(-1)  # noqa: E731  Eq. 7
+        return summarize(folder.name, label, kinds, *score_run(llm, batches, spt.soft_prompts, choose), config)
+    oracle = [train.load_checkpoint(folder.parent / f"oracle_{kind}", llm.embed_dim) for kind in sorted(data.ROUTING_KINDS)]
+    prompts = torch.cat([spt.soft_prompts for spt, _ in oracle])  # (4, L, E): prompt k trained on kind k only
+    index = {kind: k for k, kind in enumerate(sorted(data.ROUTING_KINDS))}
+    choose = lambda batch: torch.tensor([index[data.routing_kind(ex)] for ex in batch.examples])  # noqa: E731
+    return summarize("oracle", label, kinds, *score_run(llm, batches, prompts, choose, best_of_k=False), oracle[0][1])
+
+
+def mean_std(values):
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def routed_report(runs_dir):
+    """RUNS/seed*/ (routed.sh) -> RUNS/table.md: each run's held-out NLL and purity over the seeds, the issue's
+    bar for --recipe routed (purity >= 0.9, NLL below PT's and within 0.05 of the oracle's, at every seed), and
+    the ablation (RUNS/ablation/, seed 0)."""
+    runs_dir = Path(runs_dir)
+    seeds = sorted(runs_dir.glob("seed*"), key=lambda d: int(d.name[4:]))
+    _, held_out = split()
+    kinds = [data.routing_kind(ex) for ex in held_out]
+    config = json.loads((seeds[0] / "pt" / "config.json").read_text())
+    llm, tok = load_llm(config["model"], device="cpu", dtype=getattr(torch, config.get("dtype", "float32")))
+    batches = list(data.batches([data.encode_example(ex, tok, config["max_len"]) for ex in held_out], 8, tok.pad_id,
+                                shuffle=False))
+    rows = {(seed.name, name): score_folder(llm, batches, kinds, seed / name, label)
+            for seed in seeds for name, label in ROUTED_RUNS}
+    cell = lambda name, key, fmt: " / ".join(fmt.format(rows[seed.name, name][key]) for seed in seeds)  # noqa: E731
+    lines = [f"Seeds {', '.join(seed.name[4:] for seed in seeds)}; {config['args']['max_steps']} steps each, "
+             f"{config.get('dtype', 'float32')}; per-seed values in seed order.", "",
+             "| run | held-out NLL, Eq. 7 | per seed | NLL with each context's best prompt | routing purity per seed |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, label in ROUTED_RUNS:
+        nll = [rows[seed.name, name]["nll"] for seed in seeds]
+        best = [rows[seed.name, name]["best_prompt_nll"] for seed in seeds]
+        best_cell = mean_std(best) if None not in best else ""
+        lines.append(f"| {label} | {mean_std(nll)} | {cell(name, 'nll', '{:.3f}')} | {best_cell} | "
+                     f"{cell(name, 'purity', '{:.2f}')} |")
+    routed = [rows[seed.name, "spt_routed"] for seed in seeds]
+    checks = {"routing purity >= 0.9": all(r["purity"] >= 0.9 for r in routed),
+              "held-out NLL below PT's": all(r["nll"] < rows[s.name, "pt"]["nll"] for r, s in zip(routed, seeds)),
+              "within 0.05 of the oracle's": all(r["nll"] <= rows[s.name, "oracle"]["nll"] + 0.05 for r, s in zip(routed, seeds))}
+    lines += ["", "--recipe routed at every seed: " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items()) + "."]
+    ablation = [(folder, label) for folder, label in ((runs_dir / "ablation" / n, l) for n, l in ABLATIONS) if folder.is_dir()]
+    if ablation:
+        seed0 = seeds[0].name
+        lines += ["", f"| ablation (seed {seed0[4:]}) | held-out NLL, Eq. 7 | NLL with each context's best prompt | routing purity | prompt usage |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        for row in [rows[seed0, "spt_routed"]] + [score_folder(llm, batches, kinds, f, l) for f, l in ablation]:
+            lines.append(f"| {row['label']} | {row['nll']:.3f} | {row['best_prompt_nll']:.3f} | {row['purity']:.2f} | {row['usage']} |")
+    (runs_dir / "table.md").write_text("\n".join(lines) + "\n")
+    (runs_dir / "report.json").write_text(json.dumps({f"{s}/{n}": r for (s, n), r in rows.items()}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def diagnostics(runs_dir, window=10):
     """What the SPT training logs say about routing, averaged over the first and the last `window` steps."""
     keys = [("q_max", "largest q"), ("p_max", "largest p"), ("agree", "argmax p = argmax q"),
@@ -166,11 +234,11 @@ def plot(runs_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["oracle-data", "report"])
-    p.add_argument("folder", help="oracle-data: where the JSONL files go; report: the folder of the runs")
+    p.add_argument("command", choices=["oracle-data", "report", "routed"])
+    p.add_argument("folder", help="oracle-data: where the JSONL files go; report, routed: the folder of the runs")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    write_oracle_data(args.folder) if args.command == "oracle-data" else report(args.folder)
+    {"oracle-data": write_oracle_data, "report": report, "routed": routed_report}[args.command](args.folder)
 
 
 if __name__ == "__main__":
