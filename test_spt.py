@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from types import SimpleNamespace
 
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -1454,6 +1454,20 @@ def test_retriever_scores_span_zero_to_one():
     assert scores[0].item() == pytest.approx(1.0, abs=1e-6)
     assert 0 < scores[1].item() < 1e-4
     assert scores[2].item() == pytest.approx(math.log(2) / 10, abs=1e-6)  # cos 0 -> log(2) / beta
+
+
+def test_pt_checkpoint_holds_the_prompt_only_and_old_full_ones_still_load(tmp_path):
+    """A PT run's spt.safetensors is its one prompt (no untrained retriever to ship); a PT file written before
+    that, with the retriever, still loads, and both give the same prompt."""
+    out = tmp_path / "pt"
+    train.train(train.parse_args(TINY + ["--max-len", "64", "--max-steps", "1", "--method", "pt", "--out", str(out)]))
+    assert set(load_file(out / "spt.safetensors")) == {"soft_prompts"}
+    spt, _ = train.load_checkpoint(out)
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    assert set(state["spt"]) == set(spt.state_dict())  # --resume still has everything
+    save_file(state["spt"], out / "spt.safetensors", metadata={"step": "1"})  # the old layout
+    old, _ = train.load_checkpoint(out)
+    assert torch.equal(old.soft_prompts, spt.soft_prompts)
 
 
 def test_centred_context_vectors_drop_what_every_context_shares(tmp_path):

@@ -567,9 +567,16 @@ def save_checkpoint(out, spt, optimizer, scaler, step, config, rngs):
     state = {"spt": tensors, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
              "rng": rngs, "config": config}
     write_atomic(out / "train_state.pt", lambda f: torch.save(state, f))
-    write_atomic(out / "spt.safetensors", lambda f: save_file(tensors, f, metadata={"step": str(step)}))
+    result = {name: t for name, t in tensors.items() if name in result_tensor_names(spt, config.get("method", "spt"))}
+    write_atomic(out / "spt.safetensors", lambda f: save_file(result, f, metadata={"step": str(step)}))
     config = {**config, "step": step}
     write_atomic(out / "config.json", lambda f: f.write_text(json.dumps(config, indent=2)))
+
+
+def result_tensor_names(spt, method):
+    """What spt.safetensors holds: every tensor of SPT, or for PT only its prompt (K = 1 needs no retriever:
+    Eq. 7 has one prompt to pick, and PT never trains lin_C or lin_sp)."""
+    return [name for name in spt.state_dict() if method != "pt" or name == "soft_prompts"]
 
 
 def load_checkpoint(ckpt, embed_dim=None, device="cpu"):
@@ -584,12 +591,13 @@ def load_checkpoint(ckpt, embed_dim=None, device="cpu"):
                          f"(model {config['model']}), but this model has {embed_dim}: load it with --model {config['model']}")
     spt = SPT(config["num_prompts"], config["prompt_len"], config["embed_dim"], config["center_contexts"])
     tensors = load_file(ckpt / "spt.safetensors")
-    expected = {name: tuple(t.shape) for name, t in spt.state_dict().items()}
+    every = {name: tuple(t.shape) for name, t in spt.state_dict().items()}
+    expected = {name: every[name] for name in result_tensor_names(spt, config.get("method", "spt"))}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
-    if found != expected:
+    if found not in (expected, every):  # PT runs saved before result_tensor_names hold the untrained retriever too
         raise ValueError(f"{ckpt / 'spt.safetensors'} does not match its config.json (K, L, E): "
                          f"expected {expected}, found {found}")
-    spt.load_state_dict(tensors)
+    spt.load_state_dict(tensors, strict=found == every)
     with safe_open(ckpt / "spt.safetensors", "pt") as f:  # the weights' own step (config.json may lag after a crash)
         config["step"] = int((f.metadata() or {}).get("step", config.get("step", 0)))
     return spt.to(device), config

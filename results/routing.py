@@ -3,6 +3,7 @@
     python results/routing.py oracle-data DIR   # one JSONL per kind of the routing set's training part
     python results/routing.py report RUNS       # held-out NLL and routing purity of the runs in RUNS
     python results/routing.py routed RUNS       # the same over seeds for results/routed.sh, with its ablation
+    python results/routing.py score RUN ...     # one line per run (results/routed_search.sh)
 
 The data is data.routing_examples() (`--data routing`): four kinds of context, each with a response
 pattern the context does not reveal. `report` scores the last 200 examples (`--holdout 200`, never
@@ -146,6 +147,23 @@ def score_folder(llm, batches, kinds, folder, label):
     return summarize("oracle", label, kinds, *score_run(llm, batches, prompts, choose, best_of_k=False), oracle[0][1])
 
 
+def score_runs(folders):
+    """One line per run folder: held-out NLL (Eq. 7), best-prompt NLL, purity, usage, and the routing diagnostics of
+    its last ten logged steps (results/routed_search.sh)."""
+    _, held_out = split()
+    kinds = [data.routing_kind(ex) for ex in held_out]
+    config = json.loads((Path(folders[0]) / "config.json").read_text())
+    llm, tok = load_llm(config["model"], device="cpu", dtype=getattr(torch, config.get("dtype", "float32")))
+    batches = list(data.batches([data.encode_example(ex, tok, config["max_len"]) for ex in held_out], 8, tok.pad_id,
+                                shuffle=False))
+    for folder in map(Path, folders):
+        row = score_folder(llm, batches, kinds, folder, folder.name)
+        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()][-10:]
+        diag = " ".join(f"{key} {sum(r[key] for r in log) / len(log):.2f}" for key in ("q_max", "p_max", "agree", "vc_cos"))
+        print(f"{folder.name:22s} nll {row['nll']:.3f} best {row['best_prompt_nll']:.3f} purity {row['purity']:.2f} "
+              f"usage {row['usage']} {diag}", flush=True)
+
+
 def mean_std(values):
     mean = sum(values) / len(values)
     std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
@@ -234,11 +252,14 @@ def plot(runs_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["oracle-data", "report", "routed"])
-    p.add_argument("folder", help="oracle-data: where the JSONL files go; report, routed: the folder of the runs")
+    p.add_argument("command", choices=["oracle-data", "report", "routed", "score"])
+    p.add_argument("folder", nargs="+", help="oracle-data: where the JSONL files go; report, routed: the folder of the "
+                                             "runs; score: run folders")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    {"oracle-data": write_oracle_data, "report": report, "routed": routed_report}[args.command](args.folder)
+    if args.command == "score":
+        return score_runs(args.folder)
+    {"oracle-data": write_oracle_data, "report": report, "routed": routed_report}[args.command](args.folder[0])
 
 
 if __name__ == "__main__":
