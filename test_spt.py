@@ -3365,6 +3365,27 @@ def test_routing_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert not list((tmp_path / "routing").glob("*/train_state.pt"))
 
 
+@pytest.mark.slow
+def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path):
+    """results/routed.sh as written, tiny model, 1 step, seed 0: every run with its recipe's settings, the table with
+    the issue's bar per seed, the ablation rows, and a second call keeps the finished runs."""
+    out = tmp_path / "routed"
+    env = {**os.environ, "MODEL": "tiny", "STEPS": "1", "SEEDS": "0", "OUT": str(out), "PY": sys.executable,
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    routed = json.loads((out / "seed0" / "spt_routed" / "config.json").read_text())
+    assert (routed["nll_weights"], routed["center_contexts"], routed["con_reduction"]) == ("retriever", True, "pair-sum")
+    ablated = json.loads((out / "ablation" / "no_center_contexts" / "config.json").read_text())
+    assert (ablated["nll_weights"], ablated["center_contexts"]) == ("retriever", False)
+    table = (out / "table.md").read_text()
+    assert "| SPT, --recipe routed |" in table and "--recipe routed at every seed: routing purity >= 0.9:" in table
+    assert "| --recipe routed --no-center-contexts |" in table and "| --recipe routed --nll-weights uniform |" in table
+    assert not list(out.glob("*/*/train_state.pt"))
+    again = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count(": done, kept") == 9, again.stdout[-2000:]
+
+
 def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
     """A run still training logs steps past its last checkpoint; the table says where --resume would continue."""
     run = tmp_path / "spt_paper_seed0"
