@@ -1857,7 +1857,8 @@ def test_first_log_line_shows_the_resolved_recipe(tmp_path, capsys):
     train.train(train.parse_args(TINY + ["--max-len", "64", "--max-steps", "1", "--recipe", "authors", "--out", str(tmp_path)]))
     assert capsys.readouterr().out.splitlines()[0] == (
         "recipe authors (SPT): lr 0.0001, lambda-con 1, lambda-sel 1, lambda-fusion 1, nll-reduction mean, "
-        "con-reduction pair-mean, fusion score-logits, contrast-text persona, nll-weights uniform, tau-s 1")
+        "con-reduction pair-mean, fusion score-logits, contrast-text persona, nll-weights uniform, tau-s 1, "
+        "center-contexts off")
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["args"]["lr"], config["con_reduction"]) == (1e-4, "pair-mean")
 

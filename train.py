@@ -182,7 +182,7 @@ def recipe_line(args):
     return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g}, lambda-con {args.lambda_con:g}, "
             f"lambda-sel {args.lambda_sel:g}, lambda-fusion {args.lambda_fusion:g}, nll-reduction {args.nll_reduction}, "
             f"con-reduction {args.con_reduction}, fusion {args.fusion}, contrast-text {args.contrast_text}, "
-            f"nll-weights {args.nll_weights}, tau-s {args.tau_s:g}")
+            f"nll-weights {args.nll_weights}, tau-s {args.tau_s:g}, center-contexts {'on' if args.center_contexts else 'off'}")
 
 
 # ----------------------------------------------------------------------------- setup

@@ -4,11 +4,12 @@
 # routing set (`--data routing`, data.routing_examples); then held-out NLL and routing purity.
 # The oracle is SPT with perfect routing: each of its 4 prompts takes STEPS steps of 2 examples of its kind,
 # so all runs see STEPS x 8 training examples and every prompt gets STEPS updates.
-# Usage: bash results/routing.sh   (17.5 minutes measured on 2 idle CPU cores; STEPS=5 for a quick look;
+# Usage: bash results/routing.sh   (17.5 minutes measured on 2 idle CPU cores in float32, 12.6 in bf16 beside another run; STEPS=5 for a quick look;
 # MODEL=tiny OUT=/tmp/x STEPS=2 is the smoke run the tests do; DTYPE=bfloat16 for the LLM in bfloat16)
 # Each run takes its recipe's lr: 0.01 (Table 6) for PT, the oracle and --recipe paper, 1e-4 for --recipe authors.
 # The results/routing/ committed before issue 33 ran every run at --lr 0.01, the paper recipe with L_con averaged over
 # the pairs (--con-reduction pair-mean) and the authors' weights at 0.4; each run's config.json holds all its flags.
+# results/routing_bf16/ is this script as it is now: DTYPE=bfloat16 OUT=results/routing_bf16 bash results/routing.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
