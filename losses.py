@@ -56,6 +56,11 @@ def pooled_nll(target_logprobs, target_mask):
     return -(target_logprobs * mask).sum() / (K * mask.sum()).clamp(min=1.0)
 
 
+def llm_feedback(prompt_losses, tau_g=1.0):
+    """q of Eq. 3: softmax(-L / tau_g) over the K prompts, a fixed target (no gradient); prompt_losses (B, K)."""
+    return F.softmax(-prompt_losses.detach().float() / tau_g, dim=-1)
+
+
 def selection_loss(scores, prompt_losses, tau_g=1.0, feedback_noise=0.0, tau_s=1.0):
     """Eq. 3: KL(q || p), q = softmax(-L / tau_g) the LLM's feedback (a fixed target), p = softmax(s / tau_s).
     (The paper writes KL(S, L_normed) without saying which side is the target; the retriever learns to match q.)
@@ -65,7 +70,7 @@ def selection_loss(scores, prompt_losses, tau_g=1.0, feedback_noise=0.0, tau_s=1
     alpha * N(0, 1) to q (A.8); the noisy q is clamped at 0 and renormalised so the KL stays defined.
     Mean over the batch.
     """
-    q = F.softmax(-prompt_losses.detach().float() / tau_g, dim=-1)
+    q = llm_feedback(prompt_losses, tau_g)
     if feedback_noise > 0:
         q = (q + feedback_noise * torch.randn_like(q)).clamp(min=0)
         q = q / q.sum(-1, keepdim=True).clamp(min=1e-12)
@@ -88,7 +93,7 @@ def prompt_nll_weights(which, prompt_losses, scores, tau_g=1.0, tau_s=1.0):
     if which == "uniform":
         return torch.ones_like(prompt_losses)
     if which == "feedback":
-        return K * F.softmax(-prompt_losses.detach().float() / tau_g, dim=-1)
+        return K * llm_feedback(prompt_losses, tau_g)
     if which == "retriever":
         return K * F.softmax(scores.detach().float() / tau_s, dim=-1)
     raise ValueError(f"NLL weights {which!r}: use one of {', '.join(NLL_WEIGHTS)}")

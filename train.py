@@ -514,7 +514,7 @@ def routing_stats(spt, llm, batch, scores, prompt_losses, args):
     between two of the batch's context vectors v_C (near 1: the retriever cannot tell the contexts apart).
     """
     with torch.autocast(scores.device.type, enabled=False):
-        q = torch.softmax(-prompt_losses.float() / args.tau_g, dim=-1)
+        q = losses.llm_feedback(prompt_losses, args.tau_g)
         p = torch.softmax(scores.float() / args.tau_s, dim=-1)
         v_context = spt.context_vectors(llm.embed(batch.context_ids).float(), batch.context_mask)  # (B, E)
         unit = torch.nn.functional.normalize(v_context, dim=-1)
@@ -567,7 +567,7 @@ def save_checkpoint(out, spt, optimizer, scaler, step, config, rngs):
     state = {"spt": tensors, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
              "rng": rngs, "config": config}
     write_atomic(out / "train_state.pt", lambda f: torch.save(state, f))
-    result = {name: t for name, t in tensors.items() if name in result_tensor_names(spt, config.get("method", "spt"))}
+    result = {name: tensors[name] for name in result_tensor_names(spt, config.get("method", "spt"))}
     write_atomic(out / "spt.safetensors", lambda f: save_file(result, f, metadata={"step": str(step)}))
     config = {**config, "step": step}
     write_atomic(out / "config.json", lambda f: f.write_text(json.dumps(config, indent=2)))

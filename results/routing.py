@@ -27,6 +27,7 @@ from llm_loader import load_llm  # noqa: E402
 
 HOLDOUT = 200
 RUNS = [("pt", "PT (K = 1)"), ("spt_paper", "SPT, --recipe paper"), ("spt_authors", "SPT, --recipe authors")]
+ORACLE = ("oracle", "oracle (a PT prompt per kind, picked by kind)")  # scored from the four oracle_KIND runs
 
 
 def split():
@@ -79,31 +80,23 @@ def summarize(name, label, kinds, nll, chosen, best, config):
                 "con_reduction": config["con_reduction"], "dtype": config["args"]["dtype"]}}
 
 
-def report(runs_dir):
-    runs_dir = Path(runs_dir)
-    train_part, held_out = split()
-    kinds = [data.routing_kind(ex) for ex in held_out]
-    config = json.loads((runs_dir / RUNS[0][0] / "config.json").read_text())
+def held_out_part(run):
+    """The frozen LLM in the dtype of the run folder `run`, the held-out examples encoded, their batches of 8 and
+    their kinds: what every report scores on."""
+    config = json.loads((Path(run) / "config.json").read_text())
     dtype = config.get("dtype", "float32")  # the runs' own dtype; runs from before configs recorded it were float32
     llm, tok = load_llm(config["model"], device="cpu", dtype=getattr(torch, dtype))
+    held_out = split()[1]
     encoded = [data.encode_example(ex, tok, config["max_len"]) for ex in held_out]
-    batches = list(data.batches(encoded, 8, tok.pad_id, shuffle=False))
-    rows = []
+    return llm, encoded, list(data.batches(encoded, 8, tok.pad_id, shuffle=False)), [data.routing_kind(ex) for ex in held_out]
 
+
+def report(runs_dir):
+    runs_dir = Path(runs_dir)
+    llm, encoded, batches, kinds = held_out_part(runs_dir / RUNS[0][0])
     nll = train.no_prompt_nll(llm, batches)
-    rows.append({"run": "none", "label": "no prompt (frozen LLM)", "nll": sum(nll) / len(nll)})
-
-    for name, label in RUNS:
-        spt, config = train.load_checkpoint(runs_dir / name, llm.embed_dim)
-        choose = lambda batch: spt.scores(llm.embed(batch.context_ids), batch.context_mask).argmax(-1)  # noqa: E731  Eq. 7
-        rows.append(summarize(name, label, kinds, *score_run(llm, batches, spt.soft_prompts, choose), config))
-
-    oracle = [train.load_checkpoint(runs_dir / f"oracle_{kind}", llm.embed_dim) for kind in sorted(data.ROUTING_KINDS)]
-    prompts = torch.cat([spt.soft_prompts for spt, _ in oracle])  # (4, L, E): prompt k trained on kind k only
-    index = {kind: k for k, kind in enumerate(sorted(data.ROUTING_KINDS))}
-    choose = lambda batch: torch.tensor([index[data.routing_kind(ex)] for ex in batch.examples])  # noqa: E731
-    rows.append(summarize("oracle", "oracle (a PT prompt per kind, picked by kind)", kinds,
-                          *score_run(llm, batches, prompts, choose, best_of_k=False), oracle[0][1]))
+    rows = [{"run": "none", "label": "no prompt (frozen LLM)", "nll": sum(nll) / len(nll)}]
+    rows += [score_folder(llm, batches, kinds, runs_dir / name, label) for name, label in RUNS + [ORACLE]]
 
     target_len = sum(len(e.target_ids) for e in encoded) / len(encoded)
     lines = ["| run | held-out NLL, Eq. 7 | NLL with each context's best prompt | routing purity | prompt usage |",
@@ -116,7 +109,7 @@ def report(runs_dir):
         lines.append(f"| {row['label']} | {row['nll']:.3f} | {best} | {row['purity']:.2f} | "
                      f"{row['usage']} |")
     lines.append("")
-    lines.append(f"Held-out: the last {HOLDOUT} examples of `--data routing` ({len(train_part)} train). NLL is per target "
+    lines.append(f"Held-out: the last {HOLDOUT} examples of `--data routing` ({len(split()[0])} train). NLL is per target "
                  f"token; the random answer word alone leaves log 4 / {target_len:.1f} target tokens = "
                  f"{math.log(4) / target_len:.3f} per token that no prompt can remove. Routing purity: share of held-out contexts on their "
                  f"kind's prompt, each kind on a prompt of its own (when all share one prompt: the largest kind's share, "
@@ -128,8 +121,7 @@ def report(runs_dir):
     plot(runs_dir)
 
 
-ROUTED_RUNS = [("pt", "PT (K = 1)"), ("spt_paper", "SPT, --recipe paper"), ("spt_routed", "SPT, --recipe routed"),
-               ("oracle", "oracle (a PT prompt per kind, picked by kind)")]
+ROUTED_RUNS = [("pt", "PT (K = 1)"), ("spt_paper", "SPT, --recipe paper"), ("spt_routed", "SPT, --recipe routed"), ORACLE]
 ABLATIONS = [("no_nll_weights", "--recipe routed --nll-weights uniform"),
              ("no_center_contexts", "--recipe routed --no-center-contexts")]
 
@@ -150,12 +142,7 @@ def score_folder(llm, batches, kinds, folder, label):
 def score_runs(folders):
     """One line per run folder: held-out NLL (Eq. 7), best-prompt NLL, purity, usage, and the routing diagnostics of
     its last ten logged steps (results/routed_search.sh)."""
-    _, held_out = split()
-    kinds = [data.routing_kind(ex) for ex in held_out]
-    config = json.loads((Path(folders[0]) / "config.json").read_text())
-    llm, tok = load_llm(config["model"], device="cpu", dtype=getattr(torch, config.get("dtype", "float32")))
-    batches = list(data.batches([data.encode_example(ex, tok, config["max_len"]) for ex in held_out], 8, tok.pad_id,
-                                shuffle=False))
+    llm, _, batches, kinds = held_out_part(folders[0])
     for folder in map(Path, folders):
         row = score_folder(llm, batches, kinds, folder, folder.name)
         log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()][-10:]
@@ -176,12 +163,8 @@ def routed_report(runs_dir):
     the ablation (RUNS/ablation/, seed 0)."""
     runs_dir = Path(runs_dir)
     seeds = sorted(runs_dir.glob("seed*"), key=lambda d: int(d.name[4:]))
-    _, held_out = split()
-    kinds = [data.routing_kind(ex) for ex in held_out]
+    llm, _, batches, kinds = held_out_part(seeds[0] / "pt")
     config = json.loads((seeds[0] / "pt" / "config.json").read_text())
-    llm, tok = load_llm(config["model"], device="cpu", dtype=getattr(torch, config.get("dtype", "float32")))
-    batches = list(data.batches([data.encode_example(ex, tok, config["max_len"]) for ex in held_out], 8, tok.pad_id,
-                                shuffle=False))
     rows = {(seed.name, name): score_folder(llm, batches, kinds, seed / name, label)
             for seed in seeds for name, label in ROUTED_RUNS}
     cell = lambda name, key, fmt: " / ".join(fmt.format(rows[seed.name, name][key]) for seed in seeds)  # noqa: E731
