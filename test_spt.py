@@ -1457,17 +1457,23 @@ def test_retriever_scores_span_zero_to_one():
 
 
 def test_pt_checkpoint_holds_the_prompt_only_and_old_full_ones_still_load(tmp_path):
-    """A PT run's spt.safetensors is its one prompt (no untrained retriever to ship); a PT file written before
-    that, with the retriever, still loads, and both give the same prompt."""
+    """A PT run's spt.safetensors and train_state.pt hold its one prompt (no untrained retriever to ship), --resume
+    from that continues exactly, and a PT file written before, with the retriever, still loads to the same prompt."""
+    pt = TINY + ["--max-len", "64", "--method", "pt"]
+    train.train(train.parse_args(pt + ["--max-steps", "3", "--out", str(tmp_path / "straight")]))
     out = tmp_path / "pt"
-    train.train(train.parse_args(TINY + ["--max-len", "64", "--max-steps", "1", "--method", "pt", "--out", str(out)]))
+    train.train(train.parse_args(pt + ["--max-steps", "1", "--out", str(out)]))
     assert set(load_file(out / "spt.safetensors")) == {"soft_prompts"}
+    assert set(torch.load(out / "train_state.pt", weights_only=True)["spt"]) == {"soft_prompts"}
     spt, _ = train.load_checkpoint(out)
-    state = torch.load(out / "train_state.pt", weights_only=False)
-    assert set(state["spt"]) == set(spt.state_dict())  # --resume still has everything
-    save_file(state["spt"], out / "spt.safetensors", metadata={"step": "1"})  # the old layout
+    full = {**SPT(1, 1, spt.soft_prompts.shape[-1]).state_dict(), "soft_prompts": spt.soft_prompts}
+    save_file(full, out / "spt.safetensors", metadata={"step": "1"})  # the old layout
     old, _ = train.load_checkpoint(out)
     assert torch.equal(old.soft_prompts, spt.soft_prompts)
+    train.train(train.parse_args(pt + ["--max-steps", "3", "--out", str(out), "--resume"]))
+    assert [r["loss"] for r in read_log(out / "log.jsonl")] == [r["loss"] for r in read_log(tmp_path / "straight" / "log.jsonl")]
+    assert torch.equal(load_file(out / "spt.safetensors")["soft_prompts"],
+                       load_file(tmp_path / "straight" / "spt.safetensors")["soft_prompts"])
 
 
 def test_centred_context_vectors_drop_what_every_context_shares(tmp_path):
@@ -3419,7 +3425,8 @@ def test_convai2_ablation_table_has_the_papers_metrics_and_counts_prompts_used(t
 @pytest.mark.slow
 def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path):
     """results/pt_vs_spt.sh (and what ablations.sh / num_prompts.sh share) on the tiny model and the demo set: a run cut
-    after 1 of 2 steps continues from its checkpoint, runs are scored and tabled, and predictions hold only model output."""
+    after 1 of 2 steps continues from its checkpoint, runs are scored and tabled, predictions hold only model output,
+    and a finished run keeps its optimizer state, so a larger STEPS extends it."""
     out = tmp_path / "convai2"
     env = {**os.environ, "MODEL": "tiny", "DATA": "demo", "HOLDOUT": "2", "STEPS": "2", "EVAL_EVERY": "1", "OUT": str(out),
            "PY": sys.executable, "SEEDS": "0 1", "ONLY": "pt_L1_seed0 spt_paper_seed0 spt_paper_seed1", "OMP_NUM_THREADS": "1"}
@@ -3430,7 +3437,7 @@ def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in read_log(out / "pt_L1_seed0" / "log.jsonl")] == [1, 2]  # resumed, not restarted
     for run in ("pt_L1_seed0", "spt_paper_seed0", "spt_paper_seed1"):
-        assert json.loads((out / run / "heldout.json").read_text())["step"] == 2 and not (out / run / "train_state.pt").exists()
+        assert json.loads((out / run / "heldout.json").read_text())["step"] == 2 and (out / run / "train_state.pt").is_file()
     assert not (out / "pt_L4_seed0").exists() and (out / "no_prompt.json").is_file()
     records = [json.loads(line) for line in (out / "spt_paper_seed0" / "predictions.jsonl").read_text().splitlines()]
     assert records and all(set(r) == {"dialogue_id", "turn", "prediction", "chosen_prompt"} for r in records)
@@ -3441,9 +3448,15 @@ def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path
     num_prompts = (out / "num_prompts.md").read_text()
     assert "| 1 |" in num_prompts and "| 8 | not run yet |" in num_prompts
     assert re.search(r"^\| K = 4 \| \d\.\d{3} \| \d\.\d{3} \|$", num_prompts, re.MULTILINE)  # its curve, steps 1 and 2
-    again = subprocess.run(["bash", "results/pt_vs_spt.sh"], cwd=ROOT, env={**env, "STEPS": "3", "SEEDS": "0"},
+    extended = subprocess.run(["bash", "results/pt_vs_spt.sh"], cwd=ROOT, env={**env, "STEPS": "3", "ONLY": "pt_L1_seed0"},
+                              capture_output=True, text=True, timeout=600)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert "pt_L1_seed0: extending from 2 to 3 steps" in extended.stdout
+    assert [r["step"] for r in read_log(out / "pt_L1_seed0" / "log.jsonl")] == [1, 2, 3]
+    assert json.loads((out / "pt_L1_seed0" / "heldout.json").read_text())["step"] == 3
+    fewer = subprocess.run(["bash", "results/pt_vs_spt.sh"], cwd=ROOT, env={**env, "STEPS": "1", "SEEDS": "0"},
                            capture_output=True, text=True, timeout=600)
-    assert again.returncode == 1 and "pt_L1_seed0 finished at 2 steps, not STEPS=3" in again.stderr
+    assert fewer.returncode == 1 and "pt_L1_seed0 finished at 3 steps and cannot continue to STEPS=1" in fewer.stderr
 
 
 # ============================================================================= bench.py: the reference computes what train.step_loss computes

@@ -560,14 +560,14 @@ def save_checkpoint(out, spt, optimizer, scaler, step, config, rngs):
 
     train_state.pt (first): everything --resume needs (trainable parts, optimizer, GradScaler, every
     process's RNG states rngs, step, config). spt.safetensors: soft prompts + retriever for generate.py,
-    with its step in the metadata. config.json last.
+    with its step in the metadata. config.json last. A PT run's files hold its prompt only (result_tensor_names).
     """
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().float().cpu().contiguous() for name, p in spt.state_dict().items()}
-    state = {"spt": tensors, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+    names = result_tensor_names(spt, config.get("method", "spt"))
+    result = {name: spt.state_dict()[name].detach().float().cpu().contiguous() for name in names}
+    state = {"spt": result, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
              "rng": rngs, "config": config}
     write_atomic(out / "train_state.pt", lambda f: torch.save(state, f))
-    result = {name: tensors[name] for name in result_tensor_names(spt, config.get("method", "spt"))}
     write_atomic(out / "spt.safetensors", lambda f: save_file(result, f, metadata={"step": str(step)}))
     config = {**config, "step": step}
     write_atomic(out / "config.json", lambda f: f.write_text(json.dumps(config, indent=2)))
@@ -869,7 +869,8 @@ def resume(out, spt, optimizer, scaler, config, rank):
         if saved.get(key) != config[key]:
             raise ValueError(f"--resume: checkpoint {out} has {key}={saved[key]!r} but this run asks for {config[key]!r}; "
                              f"pass the same flags or a new --out")
-    spt.load_state_dict(state["spt"])
+    # PT: the prompt only; the untrained retriever is the seed's initialisation, as in the saving run
+    spt.load_state_dict(state["spt"], strict=set(state["spt"]) == set(spt.state_dict()))
     optimizer.load_state_dict(state["optimizer"])
     if state["scaler"]:  # empty when the run had no GradScaler (float32, bfloat16)
         scaler.load_state_dict(state["scaler"])

@@ -30,8 +30,9 @@ mkdir -p "$OUT"
 echo "ConvAI2 runs in $OUT: ${TRAIN[*]}"
 
 # run NAME SEED DECODE TRAIN_FLAGS...: train NAME (or continue it with --resume from its checkpoint), score the
-# held-out part with Eq. 7 and, when DECODE is 1, decode greedily. A run with a heldout.json is finished; a cut run
-# (train_state.pt, no heldout.json) continues, also to a larger STEPS (Adam at a constant lr: the same as a straight run).
+# held-out part with Eq. 7 and, when DECODE is 1, decode greedily. A run with a heldout.json at STEPS is finished; a cut
+# run, or a finished one run again with a larger STEPS, continues from its train_state.pt (Adam at a constant lr: the
+# same as a straight run). train_state.pt (trainable parts and Adam state) stays, so any run can be extended.
 run() {
   local name=$1 seed=$2 decode=$3 out="$OUT/$1"
   shift 3
@@ -40,8 +41,12 @@ run() {
     local steps_done
     steps_done=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["step"])' "$out/heldout.json")
     if [[ $steps_done == "$STEPS" ]]; then echo "$name: finished, skipped"; return 0; fi
-    echo "error: $name finished at $steps_done steps, not STEPS=$STEPS: set STEPS=$steps_done, or delete $out to retrain" >&2
-    exit 1
+    if [[ $steps_done -gt $STEPS || ! -f $out/train_state.pt ]]; then
+      echo "error: $name finished at $steps_done steps and cannot continue to STEPS=$STEPS (no train_state.pt, or fewer" \
+           "steps): set STEPS=$steps_done, or delete $out to retrain" >&2
+      exit 1
+    fi
+    echo "$name: extending from $steps_done to $STEPS steps"
   fi
   local resume=()
   if [[ -f $out/train_state.pt ]]; then resume=(--resume); fi
@@ -50,7 +55,6 @@ run() {
   if [[ ! -f $OUT/no_prompt.json ]]; then "$PY" results/convai2.py baseline "$out"; fi
   if [[ $decode == 1 ]]; then "$PY" results/convai2.py predictions "$out"; fi
   "$PY" results/convai2.py heldout "$out"
-  rm -f "$out/train_state.pt"  # the optimizer state is only needed to continue; spt.safetensors stays
 }
 
 report() {
