@@ -3429,7 +3429,7 @@ def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path
     and a finished run keeps its optimizer state, so a larger STEPS extends it."""
     out = tmp_path / "convai2"
     env = {**os.environ, "MODEL": "tiny", "DATA": "demo", "HOLDOUT": "2", "STEPS": "2", "EVAL_EVERY": "1", "OUT": str(out),
-           "PY": sys.executable, "SEEDS": "0 1", "ONLY": "pt_L1_seed0 spt_paper_seed0 spt_paper_seed1", "OMP_NUM_THREADS": "1"}
+           "PY": sys.executable, "SEEDS": "0 1", "ONLY": "pt_L1_seed0 spt_paper_seed0 spt_paper_seed1 spt_routed_seed1", "OMP_NUM_THREADS": "1"}
     train.train(train.parse_args(TINY + ["--holdout", "2", "--max-steps", "1", "--batch-size", "8", "--prompt-init", "vocab",
                                          "--eval-every", "1", "--eval-examples", "200", "--save-every", "25",
                                          "--method", "pt", "--prompt-len", "1", "--out", str(out / "pt_L1_seed0")]))
@@ -3445,6 +3445,8 @@ def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path
     table = (out / "pt_vs_spt.md").read_text()
     assert "| PT, L = 4 | 0 | not run yet |" in table and "| SPT K = 4, L = 1, --recipe paper | 2 |" in table
     assert " ± " in table and "Prompt usage by turn" in table
+    assert "| SPT K = 4, L = 1, --recipe routed | 1 |" in table and "Prompt usage by turn, SPT K = 4, L = 1, --recipe routed" in table
+    assert "recipe routed" not in convai2.main_table(Path(ROOT / "results" / "convai2"))  # float32: not run, not shown
     num_prompts = (out / "num_prompts.md").read_text()
     assert "| 1 |" in num_prompts and "| 8 | not run yet |" in num_prompts
     assert re.search(r"^\| K = 4 \| \d\.\d{3} \| \d\.\d{3} \|$", num_prompts, re.MULTILINE)  # its curve, steps 1 and 2

@@ -28,7 +28,8 @@ import train  # noqa: E402
 from llm_loader import load_llm  # noqa: E402
 
 MAIN = [("pt_L1", "PT, L = 1"), ("pt_L4", "PT, L = 4"), ("spt_paper", "SPT K = 4, L = 1, --recipe paper"),
-        ("spt_authors", "SPT K = 4, L = 1, --recipe authors")]
+        ("spt_authors", "SPT K = 4, L = 1, --recipe authors"), ("spt_routed", "SPT K = 4, L = 1, --recipe routed")]
+NEWER = {"spt_routed"}  # rows added after results/convai2 was run: shown only in a folder that has them
 ABLATIONS = [("spt_paper", "SPT (Eq. 6, --recipe paper)"), ("spt_no_con", "w/o contrastive (lambda-con 0)"),
              ("spt_no_sel", "w/o selection (lambda-sel 0)"), ("spt_no_fusion", "w/o fusion (lambda-fusion 0)")]
 NUM_PROMPTS = [("pt_L1", 1), ("spt_K2", 2), ("spt_paper", 4), ("spt_K8", 8)]  # K = 1 is PT L = 1: see num_prompts_table()
@@ -159,8 +160,9 @@ def main_table(runs_dir):
     baseline_result = read(runs_dir / "no_prompt.json")
     if baseline_result:
         lines.append(f"| frozen LLM, no prompt | | {baseline_result['nll']:.3f} | | |")
-    scored = {setting: seeds_of(runs_dir, setting) for setting, _ in MAIN}
-    for setting, label in MAIN:
+    rows = [(setting, label) for setting, label in MAIN if setting not in NEWER or list(runs_dir.glob(f"{setting}_seed*"))]
+    scored = {setting: seeds_of(runs_dir, setting) for setting, _ in rows}
+    for setting, label in rows:
         found = scored[setting]
         if not found:
             lines.append(f"| {label} | 0 | {pending(runs_dir, f'{setting}_seed0')} | | |")
@@ -170,11 +172,11 @@ def main_table(runs_dir):
         usage = ", ".join(f"{r['usage']} ({seed})" for seed, r in found.items()) if setting.startswith("spt") else ""
         lines.append(f"| {label} | {len(found)} | {mean_std(values)} | {per_seed} | {usage} |")
     lines += ["", f"Held-out NLL: mean over the test examples of the per-token NLL of the reference response, each "
-                  f"with the prompt Eq. 7 picks. {steps_note(runs_dir, MAIN)}. Per seed: value (seed)."]
-    lines += ["", generation_table(runs_dir, [(f"{s}_seed0", label) for s, label in MAIN])]
-    runs = [(f"{setting}_seed{seed}", f"{label}, seed {seed}") for setting, label in MAIN for seed in scored[setting]]
+                  f"with the prompt Eq. 7 picks. {steps_note(runs_dir, rows)}. Per seed: value (seed)."]
+    lines += ["", generation_table(runs_dir, [(f"{s}_seed0", label) for s, label in rows])]
+    runs = [(f"{setting}_seed{seed}", f"{label}, seed {seed}") for setting, label in rows for seed in scored[setting]]
     lines += ["", curve_table(runs_dir, runs)]
-    for setting, label in MAIN[2:]:
+    for setting, label in rows[2:]:
         found = scored[setting]
         if found:
             examples = next(iter(found.values()))["examples"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # RESULTS.md "Results", Table 1 at this scale: PT with L = 1 and L = 4, and SPT with K = 4 prompts of L = 1 under the
-# paper's and the authors' losses, for each seed in SEEDS (default 0 1 2); seed 0 also decodes greedily.
+# paper's and the authors' losses and --recipe routed, for each seed in SEEDS (default 0 1 2); seed 0 also decodes
+# greedily. The float32 runs in results/convai2 predate --recipe routed: run them with ONLY naming the rest.
 # Usage: bash results/pt_vs_spt.sh   (about 7 hours per seed on 2 CPU cores at 113 GFLOP/s: a PT step takes ~8 s, an SPT step ~28 s; STEPS=5 HOLDOUT=5 OUT=/tmp/x for a 17-minute quick look;
 # ONLY="pt_L1_seed1 spt_paper_seed1" runs just those). A cut run continues from its checkpoint when run again.
 source "$(dirname "$0")/convai2_common.sh"
@@ -10,5 +11,6 @@ for seed in ${SEEDS:-0 1 2}; do
   run "pt_L4_seed$seed" "$seed" "$decode" --method pt --prompt-len 4
   run "spt_paper_seed$seed" "$seed" "$decode" --num-prompts 4 --prompt-len 1 --recipe paper
   run "spt_authors_seed$seed" "$seed" "$decode" --num-prompts 4 --prompt-len 1 --recipe authors
+  run "spt_routed_seed$seed" "$seed" "$decode" --num-prompts 4 --prompt-len 1 --recipe routed
 done
 report

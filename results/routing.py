@@ -145,8 +145,9 @@ def score_runs(folders):
     llm, _, batches, kinds = held_out_part(folders[0])
     for folder in map(Path, folders):
         row = score_folder(llm, batches, kinds, folder, folder.name)
-        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()][-10:]
-        diag = " ".join(f"{key} {sum(r[key] for r in log) / len(log):.2f}" for key in ("q_max", "p_max", "agree", "vc_cos"))
+        log_file = folder / "log.jsonl"  # the oracle is four runs: no log of its own
+        log = [json.loads(line) for line in log_file.read_text().splitlines()][-10:] if log_file.exists() else []
+        diag = " ".join(f"{key} {sum(r[key] for r in log) / len(log):.2f}" for key in ("q_max", "p_max", "agree", "vc_cos") if log)
         print(f"{folder.name:22s} nll {row['nll']:.3f} best {row['best_prompt_nll']:.3f} purity {row['purity']:.2f} "
               f"usage {row['usage']} {diag}", flush=True)
 
