@@ -44,6 +44,7 @@ import generate  # noqa: E402
 import llm_loader  # noqa: E402
 import losses  # noqa: E402
 import metrics  # noqa: E402
+import routing  # noqa: E402
 import train  # noqa: E402
 from llm_loader import load_llm  # noqa: E402
 import model  # noqa: E402
@@ -3388,6 +3389,10 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     table = (out / "table.md").read_text()
     assert "| SPT, --recipe routed |" in table and "--recipe routed at every seed: routing purity >= 0.9:" in table
     assert "| --recipe routed --no-center-contexts |" in table and "| --recipe routed --nll-weights uniform |" in table
+    minutes = {label: float(m) for label, m in re.findall(r"^\| (.+?) \| (\d+\.\d) \|", table, re.MULTILINE)}
+    logged = sum(json.loads(line)["seconds"] for kind in data.ROUTING_KINDS
+                 for line in (out / "seed0" / f"oracle_{kind}" / "log.jsonl").read_text().splitlines())
+    assert set(minutes) == {label for _, label in routing.ROUTED_RUNS} and minutes[routing.ORACLE[1]] == round(logged / 60, 1)
     assert not list(out.glob("*/*/train_state.pt"))
     again = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count(": done, kept") == 9, again.stdout[-2000:]

@@ -148,7 +148,8 @@ def score_runs(folders):
         log_file = folder / "log.jsonl"  # the oracle is four runs: no log of its own
         log = [json.loads(line) for line in log_file.read_text().splitlines()][-10:] if log_file.exists() else []
         diag = " ".join(f"{key} {sum(r[key] for r in log) / len(log):.2f}" for key in ("q_max", "p_max", "agree", "vc_cos") if log)
-        print(f"{folder.name:22s} nll {row['nll']:.3f} best {row['best_prompt_nll']:.3f} purity {row['purity']:.2f} "
+        best = "" if row["best_prompt_nll"] is None else f"best {row['best_prompt_nll']:.3f} "  # the oracle has none
+        print(f"{folder.name:22s} nll {row['nll']:.3f} {best}purity {row['purity']:.2f} "
               f"usage {row['usage']} {diag}", flush=True)
 
 
@@ -184,6 +185,7 @@ def routed_report(runs_dir):
               "held-out NLL below PT's": all(r["nll"] < rows[s.name, "pt"]["nll"] for r, s in zip(routed, seeds)),
               "within 0.05 of the oracle's": all(r["nll"] <= rows[s.name, "oracle"]["nll"] + 0.05 for r, s in zip(routed, seeds))}
     lines += ["", "--recipe routed at every seed: " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items()) + "."]
+    lines += ["", *budget_table(seeds)]
     ablation = [(folder, label) for folder, label in ((runs_dir / "ablation" / n, l) for n, l in ABLATIONS) if folder.is_dir()]
     if ablation:
         seed0 = seeds[0].name
@@ -194,6 +196,28 @@ def routed_report(runs_dir):
     (runs_dir / "table.md").write_text("\n".join(lines) + "\n")
     (runs_dir / "report.json").write_text(json.dumps({f"{s}/{n}": r for (s, n), r in rows.items()}, indent=1) + "\n")
     print("\n".join(lines))
+
+
+def budget_table(seeds):
+    """Each run's training minutes (mean over seeds; the oracle's four runs added) and its held-out curve, the NLL at
+    each --eval-every step with Eq. 7's pick (mean over seeds), from the runs' log.jsonl: the budget, and whether it
+    was enough for the curves to flatten."""
+    logs = lambda folder: [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    minutes, curves = {}, {}
+    for name, _ in ROUTED_RUNS:
+        folders = [[seed / f"oracle_{kind}" for kind in sorted(data.ROUTING_KINDS)] if name == "oracle" else [seed / name]
+                   for seed in seeds]
+        minutes[name] = sum(r["seconds"] for per_seed in folders for f in per_seed for r in logs(f)) / 60 / len(seeds)
+        evals = [{r["step"]: r["eval_nll"] for r in logs(per_seed[0]) if "eval_nll" in r} for per_seed in folders]
+        curves[name] = {step: sum(e[step] for e in evals) / len(evals) for step in evals[0] if all(step in e for e in evals)}
+    steps = sorted({step for curve in curves.values() for step in curve})
+    lines = ["| run | training minutes per seed | " + " | ".join(f"NLL at step {s}" for s in steps) + " |",
+             "| --- | ---: |" + " ---: |" * len(steps)]
+    for name, label in ROUTED_RUNS:
+        lines.append(f"| {label} | {minutes[name]:.1f} | " + " | ".join(f"{curves[name][s]:.3f}" if s in curves[name] else ""
+                                                                   for s in steps) + " |")
+    return lines + ["", "Minutes: the sum of the logged step times (evaluation not included). NLL at step N: "
+                        "the held-out part with Eq. 7's pick, mean over the seeds (the oracle logs none)."]
 
 
 def diagnostics(runs_dir, window=10):
