@@ -185,6 +185,11 @@ def routed_report(runs_dir):
               "held-out NLL below PT's": all(r["nll"] < rows[s.name, "pt"]["nll"] for r, s in zip(routed, seeds)),
               "within 0.05 of the oracle's": all(r["nll"] <= rows[s.name, "oracle"]["nll"] + 0.05 for r, s in zip(routed, seeds))}
     lines += ["", "--recipe routed at every seed: " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items()) + "."]
+    lines += ["", "| held-out NLL by kind: food / music / pets / sports | " + " | ".join(f"seed {s.name[4:]}" for s in seeds) + " |",
+              "| --- |" + " ---: |" * len(seeds)]
+    for name, label in ROUTED_RUNS:
+        lines.append(f"| {label} | " + " | ".join(" / ".join(f"{v:.2f}" for _, v in sorted(rows[s.name, name]["nll_by_kind"].items()))
+                                                 for s in seeds) + " |")
     lines += ["", *budget_table(seeds)]
     ablation = [(folder, label) for folder, label in ((runs_dir / "ablation" / n, l) for n, l in ABLATIONS) if folder.is_dir()]
     if ablation:
