@@ -3375,13 +3375,18 @@ def test_routing_script_runs_end_to_end_on_the_tiny_model(tmp_path):
 
 @pytest.mark.slow
 def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path):
-    """results/routed.sh as written, tiny model, 1 step, seed 0: every run with its recipe's settings, the table with
-    the issue's bar per seed, the ablation rows, and a second call keeps the finished runs."""
+    """results/routed.sh as written, tiny model, 2 steps, seed 0: a run cut after step 1 continues, every run has its
+    recipe's settings, the table the issue's bar per seed, the ablation rows, and a second call keeps the finished runs."""
     out = tmp_path / "routed"
-    env = {**os.environ, "MODEL": "tiny", "STEPS": "1", "SEEDS": "0", "OUT": str(out), "PY": sys.executable,
+    env = {**os.environ, "MODEL": "tiny", "STEPS": "2", "SEEDS": "0", "OUT": str(out), "PY": sys.executable,
            "OMP_NUM_THREADS": "1"}
+    train.train(train.parse_args(["--model", "tiny", "--max-steps", "1", "--device", "cpu", "--dtype", "bfloat16",
+                                  "--prompt-len", "1", "--prompt-init", "vocab", "--log-every", "10", "--data", "routing",
+                                  "--holdout", "200", "--batch-size", "8", "--num-prompts", "4", "--eval-every", "50",
+                                  "--eval-examples", "200", "--method", "pt", "--seed", "0", "--out", str(out / "seed0" / "pt")]))
     done = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in read_log(out / "seed0" / "pt" / "log.jsonl")] == [1, 2]  # continued, not kept or restarted
     routed = json.loads((out / "seed0" / "spt_routed" / "config.json").read_text())
     assert (routed["nll_weights"], routed["center_contexts"], routed["con_reduction"]) == ("retriever", True, "pair-sum")
     ablated = json.loads((out / "ablation" / "no_center_contexts" / "config.json").read_text())

@@ -3,7 +3,7 @@
 # set (`--data routing`, four kinds), each seed of SEEDS, the same steps and data order per seed; then the ablation,
 # --recipe routed without each of its changes (seed 0), and the table (python results/routing.py routed OUT).
 # Usage: bash results/routed.sh   (about 80 minutes on 2 idle cores in bf16; STEPS=5 SEEDS=0 for a quick look;
-# MODEL=tiny OUT=/tmp/x STEPS=2 SEEDS=0 is the smoke run the tests do). A run whose checkpoint exists is kept.
+# MODEL=tiny OUT=/tmp/x STEPS=2 SEEDS=0 is the smoke run the tests do). A finished run is kept; a cut one continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -18,12 +18,13 @@ TRAIN=(--model "$MODEL" --max-steps "$STEPS" --device cpu --dtype "$DTYPE" --pro
 SPT=(--data routing --holdout 200 --batch-size 8 --num-prompts 4 --eval-every 50 --eval-examples 200)
 echo "routed recipe check: ${TRAIN[*]}, seeds $SEEDS"
 
-train() {  # train NAME SEED FLAGS...: one run into OUT/NAME, unless its checkpoint is there
-  local out=$OUT/$1 seed=$2
+train() {  # train NAME SEED FLAGS...: one run into OUT/NAME, unless it finished; a cut run continues with --resume
+  local out=$OUT/$1 seed=$2 resume=()
   shift 2
-  if [[ -f $out/spt.safetensors ]]; then echo "$out: done, kept"; return 0; fi
+  if [[ -f $out/train_state.pt ]]; then resume=(--resume)
+  elif [[ -f $out/spt.safetensors ]]; then echo "$out: done, kept"; return 0; fi
   echo "== $out ($(date -u +%H:%M:%S))"
-  "$PY" train.py "${TRAIN[@]}" --seed "$seed" "$@" --out "$out"
+  "$PY" train.py "${TRAIN[@]}" --seed "$seed" "$@" --out "$out" "${resume[@]}"
   rm -f "$out/train_state.pt"  # finished: the optimizer state is only needed to continue
 }
 
