@@ -563,8 +563,9 @@ def save_checkpoint(out, spt, optimizer, scaler, step, config, rngs):
     with its step in the metadata. config.json last. A PT run's files hold its prompt only (result_tensor_names).
     """
     out.mkdir(parents=True, exist_ok=True)
+    every = spt.state_dict()
     names = result_tensor_names(spt, config.get("method", "spt"))
-    result = {name: spt.state_dict()[name].detach().float().cpu().contiguous() for name in names}
+    result = {name: every[name].detach().float().cpu().contiguous() for name in names}
     state = {"spt": result, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
              "rng": rngs, "config": config}
     write_atomic(out / "train_state.pt", lambda f: torch.save(state, f))

@@ -126,13 +126,23 @@ ABLATIONS = [("no_nll_weights", "--recipe routed --nll-weights uniform"),
              ("no_center_contexts", "--recipe routed --no-center-contexts")]
 
 
+def read_log(folder):
+    """The records of a run's log.jsonl, one per logged step (train.py writes them)."""
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def oracle_folders(seed_dir):
+    """The oracle's four one-kind PT runs in seed_dir, in the order of sorted(data.ROUTING_KINDS)."""
+    return [seed_dir / f"oracle_{kind}" for kind in sorted(data.ROUTING_KINDS)]
+
+
 def score_folder(llm, batches, kinds, folder, label):
     """summarize() of one run folder: an SPT/PT checkpoint picked by Eq. 7, or (oracle) the four one-kind PT runs."""
     if folder.name != "oracle":
         spt, config = train.load_checkpoint(folder, llm.embed_dim)
         choose = lambda batch: spt.scores(llm.embed(batch.context_ids), batch.context_mask).argmax(-1)  # noqa: E731  Eq. 7
         return summarize(folder.name, label, kinds, *score_run(llm, batches, spt.soft_prompts, choose), config)
-    oracle = [train.load_checkpoint(folder.parent / f"oracle_{kind}", llm.embed_dim) for kind in sorted(data.ROUTING_KINDS)]
+    oracle = [train.load_checkpoint(run, llm.embed_dim) for run in oracle_folders(folder.parent)]
     prompts = torch.cat([spt.soft_prompts for spt, _ in oracle])  # (4, L, E): prompt k trained on kind k only
     index = {kind: k for k, kind in enumerate(sorted(data.ROUTING_KINDS))}
     choose = lambda batch: torch.tensor([index[data.routing_kind(ex)] for ex in batch.examples])  # noqa: E731
@@ -145,8 +155,7 @@ def score_runs(folders):
     llm, _, batches, kinds = held_out_part(folders[0])
     for folder in map(Path, folders):
         row = score_folder(llm, batches, kinds, folder, folder.name)
-        log_file = folder / "log.jsonl"  # the oracle is four runs: no log of its own
-        log = [json.loads(line) for line in log_file.read_text().splitlines()][-10:] if log_file.exists() else []
+        log = read_log(folder)[-10:] if (folder / "log.jsonl").exists() else []  # the oracle is four runs: no log of its own
         diag = " ".join(f"{key} {sum(r[key] for r in log) / len(log):.2f}" for key in ("q_max", "p_max", "agree", "vc_cos") if log)
         best = "" if row["best_prompt_nll"] is None else f"best {row['best_prompt_nll']:.3f} "  # the oracle has none
         print(f"{folder.name:22s} nll {row['nll']:.3f} {best}purity {row['purity']:.2f} "
@@ -207,13 +216,11 @@ def budget_table(seeds):
     """Each run's training minutes (mean over seeds; the oracle's four runs added) and its held-out curve, the NLL at
     each --eval-every step with Eq. 7's pick (mean over seeds), from the runs' log.jsonl: the budget, and whether it
     was enough for the curves to flatten."""
-    logs = lambda folder: [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]  # noqa: E731
     minutes, curves = {}, {}
     for name, _ in ROUTED_RUNS:
-        folders = [[seed / f"oracle_{kind}" for kind in sorted(data.ROUTING_KINDS)] if name == "oracle" else [seed / name]
-                   for seed in seeds]
-        minutes[name] = sum(r["seconds"] for per_seed in folders for f in per_seed for r in logs(f)) / 60 / len(seeds)
-        evals = [{r["step"]: r["eval_nll"] for r in logs(per_seed[0]) if "eval_nll" in r} for per_seed in folders]
+        folders = [oracle_folders(seed) if name == "oracle" else [seed / name] for seed in seeds]
+        minutes[name] = sum(r["seconds"] for per_seed in folders for f in per_seed for r in read_log(f)) / 60 / len(seeds)
+        evals = [{r["step"]: r["eval_nll"] for r in read_log(per_seed[0]) if "eval_nll" in r} for per_seed in folders]
         curves[name] = {step: sum(e[step] for e in evals) / len(evals) for step in evals[0] if all(step in e for e in evals)}
     steps = sorted({step for curve in curves.values() for step in curve})
     lines = ["| run | training minutes per seed | " + " | ".join(f"NLL at step {s}" for s in steps) + " |",
@@ -231,7 +238,7 @@ def diagnostics(runs_dir, window=10):
             ("vc_cos", "v_C cosine"), ("grad_lin_context", "grad norm at lin_C"), ("distinct", "distinct prompts / batch")]
     lines = ["| SPT run, steps | " + " | ".join(title for _, title in keys) + " |", "| --- |" + " ---: |" * len(keys)]
     for name, label in RUNS[1:]:
-        log = [json.loads(line) for line in (runs_dir / name / "log.jsonl").read_text().splitlines()]
+        log = read_log(runs_dir / name)
         for part in (log[:window], log[-window:]):
             cells = [sum(r[key] for r in part) / len(part) for key, _ in keys]
             lines.append(f"| {label}, {part[0]['step']}-{part[-1]['step']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
@@ -252,7 +259,7 @@ def plot(runs_dir):
             ("grad_lin_context", "gradient norm at lin_C"), ("distinct", "distinct prompts chosen in the batch")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for name, label in RUNS[1:]:
-        log = [json.loads(line) for line in (runs_dir / name / "log.jsonl").read_text().splitlines()]
+        log = read_log(runs_dir / name)
         steps = [r["step"] for r in log]
         for ax, (key, title) in zip(axes.flat, keys):
             ax.plot(steps, [r[key] for r in log], label=label, alpha=0.8)
