@@ -3404,13 +3404,16 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path):
 
 
 def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
-    """A run still training logs steps past its last checkpoint; the table says where --resume would continue."""
+    """A run still training logs steps past its last checkpoint; the table says where --resume would continue, and
+    that a finished run has not been decoded yet rather than that it was cut."""
     run = tmp_path / "spt_paper_seed0"
     assert convai2.pending(tmp_path, run.name) == "not run yet"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"step": 25, "args": {"max_steps": 300}}))
     (run / "log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (10, 20, 30)))
     assert convai2.pending(tmp_path, run.name) == "cut at step 25 of 300"
+    (run / "heldout.json").write_text(json.dumps({"step": 300}))
+    assert convai2.pending(tmp_path, run.name) == "not decoded yet"
 
 
 def test_convai2_usage_by_turn_table_gives_each_turns_share_and_count_per_seed():

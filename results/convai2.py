@@ -116,11 +116,14 @@ def seeds_of(runs_dir, setting):
 
 
 def pending(runs_dir, run):
-    """What a table says for a run without scores: 'not run yet', or the step its last checkpoint holds (where
-    --resume continues; a run still training logs steps past it)."""
+    """What a table says for a run without scores: 'not run yet', 'not decoded yet' (trained and scored, no greedy
+    responses), or the step its last checkpoint holds (where --resume continues; a run still training logs steps past
+    it)."""
     config = read(runs_dir / run / "config.json")
     if config is None:
         return "not run yet"
+    if (runs_dir / run / "heldout.json").exists():
+        return "not decoded yet"
     return f"cut at step {config['step']} of {config['args']['max_steps']}"
 
 

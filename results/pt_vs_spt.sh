@@ -2,7 +2,8 @@
 # RESULTS.md "Results", Table 1 at this scale: PT with L = 1 and L = 4, and SPT with K = 4 prompts of L = 1 under the
 # paper's and the authors' losses and --recipe routed, for each seed in SEEDS (default 0 1 2); seed 0 also decodes
 # greedily. The float32 runs in results/convai2 predate --recipe routed: run them with ONLY naming the rest.
-# Usage: bash results/pt_vs_spt.sh   (about 7 hours per seed on 2 CPU cores at 113 GFLOP/s: a PT step takes ~8 s, an SPT step ~28 s; STEPS=5 HOLDOUT=5 OUT=/tmp/x for a 17-minute quick look;
+# Usage: DTYPE=bfloat16 OUT=results/convai2_bf16 bash results/pt_vs_spt.sh   (2 idle cores with avx512_bf16: a PT run
+# about 20 minutes, an SPT run about 45; float32 about 3x as long; STEPS=5 HOLDOUT=5 OUT=/tmp/x for a quick look;
 # ONLY="pt_L1_seed1 spt_paper_seed1" runs just those). A cut run continues from its checkpoint when run again.
 source "$(dirname "$0")/convai2_common.sh"
 for seed in ${SEEDS:-0 1 2}; do
