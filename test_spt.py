@@ -3416,6 +3416,18 @@ def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
     assert convai2.pending(tmp_path, run.name) == "not decoded yet"
 
 
+def test_convai2_versus_pt_table_says_whether_a_difference_is_beyond_the_seeds_spread():
+    """SPT - PT of the means, and 'every seed below/above' only when the seed ranges do not overlap; rows with one
+    seed are left out (no spread to compare against)."""
+    rows = convai2.versus_pt_table({"PT, L = 1": [3.30, 3.32], "PT, L = 4": [3.10, 3.20], "SPT, x": [3.25, 3.28],
+                                    "SPT, y": [3.26, 3.31], "SPT, one seed": [2.0]})
+    assert rows == ["", "| SPT - PT, mean held-out NLL (beyond the seeds' spread?) | PT, L = 1 | PT, L = 4 |",
+                    "| --- | ---: | ---: |",
+                    "| SPT, x | -0.045 (every seed below) | +0.115 (every seed above) |",
+                    "| SPT, y | -0.025 (seeds overlap) | +0.135 (every seed above) |"]
+    assert convai2.versus_pt_table({"PT, L = 1": [3.3], "SPT, x": [3.2, 3.1]}) == []
+
+
 def test_convai2_usage_by_turn_table_gives_each_turns_share_and_count_per_seed():
     """A turn with 2 contexts reads 1.00 as readily as one with 100; the count column tells them apart."""
     rows = convai2.usage_by_turn_table({0: {1: [1, 0, 3], 9: [0, 0, 2]}, 2: {1: [0, 4, 0], 9: [1, 1, 0]}}).splitlines()

@@ -176,6 +176,7 @@ def main_table(runs_dir):
         lines.append(f"| {label} | {len(found)} | {mean_std(values)} | {per_seed} | {usage} |")
     lines += ["", f"Held-out NLL: mean over the test examples of the per-token NLL of the reference response, each "
                   f"with the prompt Eq. 7 picks. {steps_note(runs_dir, rows)}. Per seed: value (seed)."]
+    lines += versus_pt_table({label: [r["nll"] for r in scored[setting].values()] for setting, label in rows})
     lines += ["", generation_table(runs_dir, [(f"{s}_seed0", label) for s, label in rows])]
     runs = [(f"{setting}_seed{seed}", f"{label}, seed {seed}") for setting, label in rows for seed in scored[setting]]
     lines += ["", curve_table(runs_dir, runs)]
@@ -187,6 +188,26 @@ def main_table(runs_dir):
                           f"of the turn's contexts sent to prompts 0, 1, ...):", "",
                       usage_by_turn_table({seed: r["usage_by_turn"] for seed, r in found.items()})]
     return "\n".join(lines) + "\n"
+
+
+def versus_pt_table(nll_by_label):
+    """Each SPT row against each PT row with at least 2 seeds each: the difference of the mean held-out NLLs, and
+    whether it is beyond the seeds' spread (every SPT seed below every PT seed, or every one above)."""
+    pts = [label for label, values in nll_by_label.items() if label.startswith("PT") and len(values) >= 2]
+    spts = [label for label, values in nll_by_label.items() if label.startswith("SPT") and len(values) >= 2]
+    if not pts or not spts:
+        return []
+    lines = ["", "| SPT - PT, mean held-out NLL (beyond the seeds' spread?) | " + " | ".join(pts) + " |",
+             "| --- |" + " ---: |" * len(pts)]
+    for spt in spts:
+        cells = []
+        for pt in pts:
+            a, b = nll_by_label[spt], nll_by_label[pt]
+            verdict = ("every seed below" if max(a) < min(b) else "every seed above" if min(a) > max(b)
+                       else "seeds overlap")
+            cells.append(f"{sum(a) / len(a) - sum(b) / len(b):+.3f} ({verdict})")
+        lines.append(f"| {spt} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def generation_table(runs_dir, runs):
