@@ -40,6 +40,7 @@ import bench  # noqa: E402
 import convai2  # noqa: E402
 import data  # noqa: E402
 import fill_readme  # noqa: E402
+import first_run_recipes  # noqa: E402
 import generate  # noqa: E402
 import llm_loader  # noqa: E402
 import losses  # noqa: E402
@@ -3414,6 +3415,24 @@ def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
     assert convai2.pending(tmp_path, run.name) == "cut at step 25 of 300"
     (run / "heldout.json").write_text(json.dumps({"step": 300}))
     assert convai2.pending(tmp_path, run.name) == "not decoded yet"
+
+
+def test_first_run_recipes_table_reads_each_seeds_log_and_adds_a_mean_row(tmp_path):
+    """The closing lines train.py prints for the first run become one row per seed, and a log cut before its closing
+    table is refused by name."""
+    def log(recipe, spt, pt, purity):
+        return (f"recipe {recipe} (SPT): lr 0.01\nrecipe {recipe} (PT): lr 0.01\nheld-out: 100 examples\n"
+                f"  SPT (K = 4): NLL {spt}\n  PT  (K = 1): NLL {pt}  (SPT - PT: ...)\n  routing purity {purity} (share)\n")
+    folder = tmp_path / "routed"
+    folder.mkdir()
+    (folder / "seed0.log").write_text(log("routed", 2.5, 2.75, "1.00"))
+    (folder / "seed1.log").write_text(log("routed", 3.0, 2.75, "0.50"))
+    assert first_run_recipes.table([folder]).splitlines()[2:] == [
+        "| --recipe routed | 0 | 2.500 | 2.750 | -0.250 | 1.00 |", "| --recipe routed | 1 | 3.000 | 2.750 | +0.250 | 0.50 |",
+        "| --recipe routed | mean | 2.750 | 2.750 | +0.000 | 0.75 |"]
+    (folder / "seed1.log").write_text("recipe routed (SPT): lr 0.01\nstep 1/60\n")
+    with pytest.raises(SystemExit, match="seed1.log has no 'spt' line"):
+        first_run_recipes.table([folder])
 
 
 def test_convai2_versus_pt_table_says_whether_a_difference_is_beyond_the_seeds_spread():
