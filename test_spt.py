@@ -3435,6 +3435,19 @@ def test_first_run_recipes_table_reads_each_seeds_log_and_adds_a_mean_row(tmp_pa
         first_run_recipes.table([folder])
 
 
+def test_convai2_curve_table_gives_each_runs_fall_over_its_last_100_steps_and_whether_all_flattened(tmp_path):
+    """Issue 31's bar: flattened when no run's first-200 NLL fell by more than 0.01 over its last 100 steps."""
+    for run, curve in [("a", {50: 3.5, 100: 3.30, 200: 3.295}), ("b", {100: 3.4, 150: 3.2, 200: 3.1}), ("c", {50: 3.6})]:
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "log.jsonl").write_text("".join(json.dumps({"step": s, "eval_nll": v}) + "\n" for s, v in curve.items()))
+    rows = convai2.curve_table(tmp_path, [("a", "A"), ("b", "B"), ("c", "C")]).splitlines()
+    assert rows[2:5] == ["| A | 3.500 | 3.300 |  | 3.295 | +0.005 |", "| B |  | 3.400 | 3.200 | 3.100 | +0.300 |",
+                         "| C | 3.600 |  |  |  |  |"]
+    assert rows[-1] == "Flattened (no run's NLL fell by more than 0.01 over its last 100 steps): no, the largest fall is 0.300."
+    flat = convai2.curve_table(tmp_path, [("a", "A"), ("c", "C")]).splitlines()
+    assert flat[-1] == "Flattened (no run's NLL fell by more than 0.01 over its last 100 steps): yes."
+
+
 def test_convai2_versus_pt_table_says_whether_a_difference_is_beyond_the_seeds_spread():
     """SPT - PT of the means, and 'every seed below/above' only when the seed ranges do not overlap; rows with one
     seed are left out (no spread to compare against)."""

@@ -221,15 +221,24 @@ def generation_table(runs_dir, runs):
 
 
 def curve_table(runs_dir, runs):
-    """Held-out NLL on the first test examples at each --eval-every step of each (run, label): has it flattened?"""
+    """Held-out NLL on the first test examples at each --eval-every step of each (run, label), and has it flattened:
+    how much each run improved over its last 100 steps, against issue 31's bar of 0.01."""
     curves = {label: dict(eval_curve(runs_dir / run)) for run, label in runs}
     steps = sorted({step for curve in curves.values() for step in curve})
     if not steps:
         return "(no evaluation during training logged yet)"
-    lines = ["| held-out NLL on the first 200 test examples during training, at step | " + " | ".join(map(str, steps)) + " |",
-             "| --- |" + " ---: |" * len(steps)]
+    lines = ["| held-out NLL on the first 200 test examples during training, at step | " + " | ".join(map(str, steps))
+             + " | fall over the last 100 steps |", "| --- |" + " ---: |" * (len(steps) + 1)]
+    falls = []
     for label, curve in curves.items():
-        lines.append(f"| {label} | " + " | ".join(f"{curve[s]:.3f}" if s in curve else "" for s in steps) + " |")
+        last = max(curve, default=None)
+        fall = curve[last - 100] - curve[last] if last is not None and last - 100 in curve else None
+        falls += [fall] if fall is not None else []
+        lines.append(f"| {label} | " + " | ".join(f"{curve[s]:.3f}" if s in curve else "" for s in steps)
+                     + f" | {'' if fall is None else f'{fall:+.3f}'} |")
+    if falls:
+        verdict = "yes" if max(falls) <= 0.01 else f"no, the largest fall is {max(falls):.3f}"
+        lines += ["", f"Flattened (no run's NLL fell by more than 0.01 over its last 100 steps): {verdict}."]
     return "\n".join(lines)
 
 
