@@ -3418,18 +3418,22 @@ def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
 
 
 def test_first_run_recipes_table_reads_each_seeds_log_and_adds_a_mean_row(tmp_path):
-    """The closing lines train.py prints for the first run become one row per seed, and a log cut before its closing
-    table is refused by name."""
-    def log(recipe, spt, pt, purity):
+    """The closing lines train.py prints for the first run become one row per seed, prompt purity counting a kind split
+    over two prompts as routed and a prompt shared by two kinds as not, and a log cut before its closing table is
+    refused by name."""
+    def log(recipe, spt, pt, purity, food, pets):
         return (f"recipe {recipe} (SPT): lr 0.01\nrecipe {recipe} (PT): lr 0.01\nheld-out: 100 examples\n"
-                f"  SPT (K = 4): NLL {spt}\n  PT  (K = 1): NLL {pt}  (SPT - PT: ...)\n  routing purity {purity} (share)\n")
+                f"  SPT (K = 4): NLL {spt}\n  PT  (K = 1): NLL {pt}  (SPT - PT: ...)\n"
+                f"  SPT prompt usage, food   contexts: {food}\n  SPT prompt usage, pets   contexts: {pets}\n"
+                f"  routing purity {purity} (share)\n")
     folder = tmp_path / "routed"
     folder.mkdir()
-    (folder / "seed0.log").write_text(log("routed", 2.5, 2.75, "1.00"))
-    (folder / "seed1.log").write_text(log("routed", 3.0, 2.75, "0.50"))
+    (folder / "seed0.log").write_text(log("routed", 2.5, 2.75, "0.75", [2, 0, 0, 0], [0, 1, 1, 0]))  # pets split: 3/4
+    (folder / "seed1.log").write_text(log("routed", 3.0, 2.75, "0.50", [1, 0, 0, 1], [3, 0, 0, 0]))  # prompt 0 shared
     assert first_run_recipes.table([folder]).splitlines()[2:] == [
-        "| --recipe routed | 0 | 2.500 | 2.750 | -0.250 | 1.00 |", "| --recipe routed | 1 | 3.000 | 2.750 | +0.250 | 0.50 |",
-        "| --recipe routed | mean | 2.750 | 2.750 | +0.000 | 0.75 |"]
+        "| --recipe routed | 0 | 2.500 | 2.750 | -0.250 | 0.75 | 1.00 |",
+        "| --recipe routed | 1 | 3.000 | 2.750 | +0.250 | 0.50 | 0.80 |",
+        "| --recipe routed | mean | 2.750 | 2.750 | +0.000 | 0.62 | 0.90 |"]
     (folder / "seed1.log").write_text("recipe routed (SPT): lr 0.01\nstep 1/60\n")
     with pytest.raises(SystemExit, match="seed1.log has no 'spt' line"):
         first_run_recipes.table([folder])
