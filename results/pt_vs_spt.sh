@@ -3,7 +3,7 @@
 # paper's and the authors' losses and --recipe routed, for each seed in SEEDS (default 0 1 2); seed 0 also decodes
 # greedily. The float32 runs in results/convai2 predate --recipe routed: run them with ONLY naming the rest.
 # Usage: DTYPE=bfloat16 OUT=results/convai2_bf16 bash results/pt_vs_spt.sh   (2 idle cores with avx512_bf16: a PT run
-# about 20 minutes, an SPT run about an hour; float32 about 3x as long; STEPS=5 HOLDOUT=5 OUT=/tmp/x for a quick look;
+# about 20 minutes, an SPT run about an hour; float32 2-2.5x as long; STEPS=5 HOLDOUT=5 OUT=/tmp/x for a quick look;
 # ONLY="pt_L1_seed1 spt_paper_seed1" runs just those). A cut run continues from its checkpoint when run again.
 source "$(dirname "$0")/convai2_common.sh"
 for seed in ${SEEDS:-0 1 2}; do
