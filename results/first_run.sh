@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 OUT=${OUT:-results/first_run}
 RECIPE=${RECIPE:-paper}
+RUNS=runs/first_run$([[ $RECIPE == paper ]] || echo "_$RECIPE")  # paper: the folders first_run_per_prompt.py is pointed at
 mkdir -p "$OUT"
 for seed in ${SEEDS:-0 1 2}; do
   "$PY" train.py --model "${MODEL:-smollm2}" --data two-kinds --holdout 100 --compare-pt --dtype bfloat16 --recipe "$RECIPE" --seed "$seed" \
-    --out "runs/first_run$([[ $RECIPE == paper ]] || echo "_$RECIPE")_seed$seed" \
+    --out "${RUNS}_seed$seed" \
     | tee "$OUT/seed$seed.log"
   { echo '```'; sed -n '/^held-out: /,/routing purity/p' "$OUT/seed$seed.log"; echo '```'; } > "$OUT/seed$seed.md"
 done
