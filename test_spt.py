@@ -1356,14 +1356,16 @@ def test_total_loss_is_eq6_sum_and_ablations_drop_terms():
 
 
 def test_nll_weights_weigh_each_prompts_nll_by_k_q_or_k_p():
-    """--nll-weights: Eq. 6's sum over prompts with each example's K NLLs weighted by K q (the LLM's feedback) or
-    K p (the retriever's distribution), by hand; uniform is the printed sum; the weights carry no gradient."""
+    """--nll-weights: Eq. 6's sum over prompts with each example's K NLLs weighted by K q (the LLM's feedback),
+    K p (the retriever's distribution) or K on Eq. 7's pick only, by hand; uniform is the printed sum; the weights
+    carry no gradient."""
     lp, mask = random_logprobs(2, 3, 5, seed=7)
     lp.requires_grad_(True)
     scores = torch.tensor([[0.9, 0.1, 0.4], [0.2, 0.8, 0.5]], requires_grad=True)
     L = losses.soft_prompt_losses(lp, mask).detach()  # (2, 3)
     q, p = torch.softmax(-L, -1), torch.softmax(scores.detach() / 0.5, -1)
-    for which, weights in (("uniform", torch.ones(2, 3)), ("feedback", 3 * q), ("retriever", 3 * p)):
+    picked = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])  # argmax of each row of scores
+    for which, weights in (("uniform", torch.ones(2, 3)), ("feedback", 3 * q), ("retriever", 3 * p), ("picked", picked)):
         total, parts = losses.total_loss(lp, mask, scores, lambda_con=0, lambda_sel=0, lambda_fusion=0, tau_s=0.5,
                                          nll_weights=which)
         by_hand = sum(weights[b, k] * L[b, k] for b in range(2) for k in range(3)) / 2
@@ -3390,18 +3392,21 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert [r["step"] for r in read_log(out / "seed0" / "pt" / "log.jsonl")] == [1, 2]  # continued, not kept or restarted
     routed = json.loads((out / "seed0" / "spt_routed" / "config.json").read_text())
     assert (routed["nll_weights"], routed["center_contexts"], routed["con_reduction"]) == ("retriever", True, "pair-sum")
+    hard = json.loads((out / "seed0" / "spt_routed_picked" / "config.json").read_text())
+    assert (hard["nll_weights"], hard["center_contexts"]) == ("picked", True)
     ablated = json.loads((out / "ablation" / "no_center_contexts" / "config.json").read_text())
     assert (ablated["nll_weights"], ablated["center_contexts"]) == ("retriever", False)
     table = (out / "table.md").read_text()
     assert "| SPT, --recipe routed |" in table and "--recipe routed at every seed: routing purity >= 0.9:" in table
     assert "| --recipe routed --no-center-contexts |" in table and "| --recipe routed --nll-weights uniform |" in table
+    assert "| SPT, --recipe routed --nll-weights picked |" in table
     minutes = {label: float(m) for label, m in re.findall(r"^\| (.+?) \| (\d+\.\d) \|", table, re.MULTILINE)}
     logged = sum(json.loads(line)["seconds"] for kind in data.ROUTING_KINDS
                  for line in (out / "seed0" / f"oracle_{kind}" / "log.jsonl").read_text().splitlines())
     assert set(minutes) == {label for _, label in routing.ROUTED_RUNS} and minutes[routing.ORACLE[1]] == round(logged / 60, 1)
     assert not list(out.glob("*/*/train_state.pt"))
     again = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count(": done, kept") == 9, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count(": done, kept") == 10, again.stdout[-2000:]
 
 
 def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):

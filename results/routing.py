@@ -121,7 +121,8 @@ def report(runs_dir):
     plot(runs_dir)
 
 
-ROUTED_RUNS = [("pt", "PT (K = 1)"), ("spt_paper", "SPT, --recipe paper"), ("spt_routed", "SPT, --recipe routed"), ORACLE]
+ROUTED_RUNS = [("pt", "PT (K = 1)"), ("spt_paper", "SPT, --recipe paper"), ("spt_routed", "SPT, --recipe routed"),
+               ("spt_routed_picked", "SPT, --recipe routed --nll-weights picked"), ORACLE]
 ABLATIONS = [("no_nll_weights", "--recipe routed --nll-weights uniform"),
              ("no_center_contexts", "--recipe routed --no-center-contexts")]
 
