@@ -88,8 +88,8 @@ def prompt_nll_weights(which, prompt_losses, scores, tau_g=1.0, tau_s=1.0):
     feedback of Eq. 3, so each example trains mainly the prompts that already suit it best (an EM step for a
     mixture of prompts). "retriever": K p, the retriever's distribution of Eq. 3, so each prompt trains mainly
     on the contexts the retriever sends it, as Eq. 7 will at inference. "picked": K on Eq. 7's pick (argmax s)
-    and 0 elsewhere, so each prompt learns only from the contexts it is picked for (with s in [0, 1] and tau_s = 1,
-    K p stays between 0.6 and 1.9, and every prompt still learns from every example). prompt_losses, scores: (B, K).
+    and 0 elsewhere, so each prompt learns only from the contexts it is picked for (with s in [0, 1], tau_s = 1 and
+    K = 4, K p stays between 0.44 and 1.90: every prompt still learns from every example). prompt_losses, scores: (B, K).
     """
     K = prompt_losses.shape[1]
     if which == "uniform":

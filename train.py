@@ -113,8 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--nll-weights", choices=losses.NLL_WEIGHTS, default=None,
                    help="how much each prompt's NLL counts per example in Eq. 6's sum over prompts: uniform (paper, "
                         "authors: every prompt learns from every example), feedback (K q: mainly the prompts the LLM "
-                        "prefers for the example), retriever (K p: mainly the prompts the retriever sends it to), picked (K on Eq. 7's pick, 0 "
-                        "elsewhere: only the prompt the retriever picks) " + FROM_RECIPE)
+                        "prefers for the example), retriever (K p: mainly the prompts the retriever sends it to), "
+                        "picked (K on Eq. 7's pick, 0 elsewhere: only the prompt the retriever picks) " + FROM_RECIPE)
     p.add_argument("--center-contexts", action=argparse.BooleanOptionalAction, default=None,
                    help="subtract the training contexts' mean token embedding from each context before the retriever "
                         "(v_C = W (mean emb_C - mu), SPT.context_vectors), so no shared component sends every context to "
