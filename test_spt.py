@@ -1568,6 +1568,36 @@ def test_resume_continues_exactly_across_an_epoch_boundary(tmp_path):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_cosine_schedule_steps_at_the_hand_computed_lrs_and_resumes_exactly(tmp_path, monkeypatch):
+    """--lr-schedule cosine over T = 4 steps: lr x (1 + cos(pi (t - 1) / 4)) / 2 = lr x 1, 0.8536, 0.5, 0.1464."""
+    flags = RESUME + ["--max-steps", "4", "--lr-schedule", "cosine", "--save-every", "2"]
+    train.train(train.parse_args(flags + ["--out", str(tmp_path / "straight")]))
+    straight = read_log(tmp_path / "straight" / "log.jsonl")
+    assert [r["lr"] for r in straight] == pytest.approx([0.01, 0.0085355339, 0.005, 0.0014644661])
+    train.train(train.parse_args(RESUME + ["--max-steps", "2", "--out", str(tmp_path / "constant")]))
+    assert [r["lr"] for r in read_log(tmp_path / "constant" / "log.jsonl")] == [0.01, 0.01]
+    step_loss, calls = train.step_loss, []
+
+    def cut_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("cut")
+        return step_loss(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "step_loss", cut_in_step_3)
+        with pytest.raises(RuntimeError, match="cut"):
+            train.train(train.parse_args(flags + ["--out", str(tmp_path / "split")]))
+    split = flags + ["--out", str(tmp_path / "split"), "--resume"]
+    with pytest.raises(ValueError, match="decays its lr .--lr-schedule cosine. over the steps its --max-steps and --epochs give"):
+        train.train(train.parse_args(split + ["--max-steps", "6"]))
+    with pytest.raises(ValueError, match="has lr_schedule='cosine' but this run asks for 'constant'"):
+        train.train(train.parse_args(split + ["--lr-schedule", "constant"]))
+    train.train(train.parse_args(split))
+    resumed = read_log(tmp_path / "split" / "log.jsonl")
+    assert [(r["step"], r["lr"], r["loss"]) for r in resumed] == [(r["step"], r["lr"], r["loss"]) for r in straight]
+
+
 @pytest.mark.parametrize("crash", ["between checkpoint files", "during a step"])
 def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch, crash):
     """A crash after the checkpoint of step 2: mid-way through writing step 4's checkpoint, or in step 4's forward."""
@@ -1866,7 +1896,7 @@ def test_unresolved_weights_fail_loudly():
 def test_first_log_line_shows_the_resolved_recipe(tmp_path, capsys):
     train.train(train.parse_args(TINY + ["--max-len", "64", "--max-steps", "1", "--recipe", "authors", "--out", str(tmp_path)]))
     assert capsys.readouterr().out.splitlines()[0] == (
-        "recipe authors (SPT): lr 0.0001, lambda-con 1, lambda-sel 1, lambda-fusion 1, nll-reduction mean, "
+        "recipe authors (SPT): lr 0.0001 constant, lambda-con 1, lambda-sel 1, lambda-fusion 1, nll-reduction mean, "
         "con-reduction pair-mean, fusion score-logits, contrast-text persona, nll-weights uniform, tau-s 1, "
         "center-contexts off")
     config = json.loads((tmp_path / "config.json").read_text())

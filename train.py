@@ -55,7 +55,8 @@ FROM_RECIPE = "(default: from --recipe%(default).0s)"  # %(default).0s prints no
 LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "con_reduction", "tau_g", "tau_s", "gamma",
                  "nll_weights", "center_contexts", "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
 # Loss settings added after runs were committed, with the value those runs used: a config without the key means it.
-LEGACY_SETTINGS = {"con_reduction": "pair-mean", "nll_weights": "uniform", "center_contexts": False}
+LEGACY_SETTINGS = {"con_reduction": "pair-mean", "nll_weights": "uniform", "center_contexts": False,
+                   "lr_schedule": "constant"}
 
 
 def parse_args(argv=None):
@@ -83,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=1.0,
                    help="passes over the training data (the paper trains one; 15 for OPT-125M)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: use --epochs)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant: --lr at every step (paper: Table 6 names no schedule; authors: ds_config.json has "
+                        "none); cosine: --lr x (1 + cos(pi (t - 1) / T)) / 2 at step t of T, so the last steps are small "
+                        "and a run ends where it settled, not on its last noisy step (not a source's)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="examples per forward per process; the global batch is this x --grad-accum x processes")
     p.add_argument("--grad-accum", type=int, default=1,
@@ -180,7 +185,7 @@ def resolve_recipe(args, arch):
 
 def recipe_line(args):
     """The resolved loss settings and lr, for train.py's first log line."""
-    return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g}, lambda-con {args.lambda_con:g}, "
+    return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g} {args.lr_schedule}, lambda-con {args.lambda_con:g}, "
             f"lambda-sel {args.lambda_sel:g}, lambda-fusion {args.lambda_fusion:g}, nll-reduction {args.nll_reduction}, "
             f"con-reduction {args.con_reduction}, fusion {args.fusion}, contrast-text {args.contrast_text}, "
             f"nll-weights {args.nll_weights}, tau-s {args.tau_s:g}, center-contexts {'on' if args.center_contexts else 'off'}")
@@ -610,7 +615,7 @@ def checkpoint_config(args, llm, world):
             "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "method": args.method,
             "max_len": args.max_len, "data": args.data, "holdout": args.holdout, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "world_size": world, "seed": args.seed, "max_examples": args.max_examples,
-            **{name: getattr(args, name) for name in LOSS_SETTINGS}, "args": vars(args)}
+            "lr_schedule": args.lr_schedule, **{name: getattr(args, name) for name in LOSS_SETTINGS}, "args": vars(args)}
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -754,6 +759,8 @@ def train(args):
         if args.method == "spt":
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             stats["grad_lin_context"] = spt.lin_context.weight.grad.norm() / scale
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args.lr, args.lr_schedule, step, total_steps)
         skipped = step_with_scaler(scaler, optimizer)
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t_step  # on a GPU, the host's time: the device may still be busy with the step
@@ -763,7 +770,7 @@ def train(args):
             values = torch.stack([loss, *parts.values()])
             dist.all_reduce(values)
             loss, parts = values[0] / world, dict(zip(parts, values[1:] / world))
-        pending.append(({"step": step, "loss": loss, **parts, "usage": step_usage, **stats, "seconds": round(seconds, 4),
+        pending.append(({"step": step, "loss": loss, **parts, "usage": step_usage, **stats, "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 4),
                          "bleu_seconds": round(bleu_seconds, 4), **({"skipped": True} if skipped else {})}, local_loss))
         if skipped:
             log(rank, f"step {step}: float16 gradients overflowed, so the GradScaler skipped this update and lowered "
@@ -802,6 +809,13 @@ def train(args):
     if world > 1:
         dist.destroy_process_group()
     return spt
+
+
+def learning_rate(lr, schedule, step, total_steps):
+    """The lr of optimizer step `step` (1 .. total_steps): lr throughout, or lr's cosine decay towards 0."""
+    if schedule == "constant":
+        return lr
+    return lr * (1 + math.cos(math.pi * (step - 1) / total_steps)) / 2
 
 
 def step_with_scaler(scaler, optimizer):
@@ -867,12 +881,15 @@ def resume(out, spt, optimizer, scaler, config, rank):
     state = torch.load(out / "train_state.pt", weights_only=True, map_location="cpu")
     saved = {**LEGACY_SETTINGS, **state["config"]}
     for key in ("model", "dtype", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout",
-                "batch_size", "grad_accum", "world_size", "seed", "max_examples", *LOSS_SETTINGS):
+                "batch_size", "grad_accum", "world_size", "seed", "max_examples", "lr_schedule", *LOSS_SETTINGS):
         if saved.get(key) != config[key]:
             raise ValueError(f"--resume: checkpoint {out} has {key}={saved[key]!r} but this run asks for {config[key]!r}; "
                              f"pass the same flags or a new --out")
     # PT: the prompt only; the untrained retriever is the seed's initialisation, as in the saving run
     spt.load_state_dict(state["spt"], strict=set(state["spt"]) == set(spt.state_dict()))
+    if config["lr_schedule"] == "cosine" and any(saved["args"][k] != config["args"][k] for k in ("max_steps", "epochs")):
+        raise ValueError(f"--resume: {out} decays its lr (--lr-schedule cosine) over the steps its --max-steps and "
+                         f"--epochs give; pass the same ones (a longer run needs a new --out)")
     optimizer.load_state_dict(state["optimizer"])
     if state["scaler"]:  # empty when the run had no GradScaler (float32, bfloat16)
         scaler.load_state_dict(state["scaler"])
