@@ -18,8 +18,9 @@ def masked_mean(x, mask):
 class SPT(nn.Module):
     """Soft prompt group (K, L, E) and the dense retriever that scores it against contexts."""
 
-    def __init__(self, num_prompts, prompt_len, embed_dim, center_contexts=False):
+    def __init__(self, num_prompts, prompt_len, embed_dim, center_contexts=False, detach_prompts_in_scores=False):
         super().__init__()
+        self.detach_prompts_in_scores = detach_prompts_in_scores  # not in the paper: --detach-prompts-in-scores
         self.soft_prompts = nn.Parameter(torch.randn(num_prompts, prompt_len, embed_dim))  # standard Gaussian (4.2)
         self.lin_context = nn.Linear(embed_dim, embed_dim)  # lin_C of Eq. 1
         self.lin_prompt = nn.Linear(embed_dim, embed_dim)  # lin_sp of Eq. 1
@@ -75,7 +76,8 @@ class SPT(nn.Module):
         [0, 1] as the paper says (plain softplus gives [0.31, 1.31]); the authors' code uses the same.
         """
         v_context = self.context_vectors(context_embeds, context_mask)  # (B, E)
-        v_prompts = self.lin_prompt(self.soft_prompts).mean(1)  # (K, E)
+        soft_prompts = self.soft_prompts.detach() if self.detach_prompts_in_scores else self.soft_prompts
+        v_prompts = self.lin_prompt(soft_prompts).mean(1)  # (K, E)
         raw = F.cosine_similarity(v_context[:, None, :], v_prompts[None, :, :], dim=-1)  # (B, K)
         return F.softplus(raw, beta=10, threshold=1)
 

@@ -1512,6 +1512,22 @@ def test_retriever_gradients_reach_its_parts():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_detached_prompts_in_scores_leave_the_prompts_to_the_llm_losses():
+    """--detach-prompts-in-scores: the same scores, but the retriever's losses reach lin_sp and lin_C, not sp_i."""
+    torch.manual_seed(0)
+    embeds, mask = torch.randn(3, 5, 4), torch.ones(3, 5)
+    attached = SPT(num_prompts=2, prompt_len=1, embed_dim=4)
+    detached = SPT(num_prompts=2, prompt_len=1, embed_dim=4, detach_prompts_in_scores=True)
+    detached.load_state_dict(attached.state_dict())
+    scores = detached.scores(embeds, mask)
+    assert torch.equal(scores, attached.scores(embeds, mask))
+    scores.sum().backward()
+    assert detached.soft_prompts.grad is None
+    assert detached.lin_prompt.weight.grad.abs().sum() > 0 and detached.lin_context.weight.grad.abs().sum() > 0
+    assert train.parse_args(["--recipe", "paper"]).detach_prompts_in_scores is False
+    assert train.parse_args(["--detach-prompts-in-scores"]).detach_prompts_in_scores is True
+
+
 def test_prompted_inputs_layout():
     prompts = torch.arange(2 * 1 * 3, dtype=torch.float).view(2, 1, 3)  # K=2, L=1, E=3
     tokens = 100 + torch.arange(3 * 2 * 3, dtype=torch.float).view(3, 2, 3)  # B=3, T=2
@@ -1898,7 +1914,7 @@ def test_first_log_line_shows_the_resolved_recipe(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == (
         "recipe authors (SPT): lr 0.0001 constant, lambda-con 1, lambda-sel 1, lambda-fusion 1, nll-reduction mean, "
         "con-reduction pair-mean, fusion score-logits, contrast-text persona, nll-weights uniform, tau-s 1, "
-        "center-contexts off")
+        "center-contexts off, detach-prompts-in-scores off")
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["args"]["lr"], config["con_reduction"]) == (1e-4, "pair-mean")
 

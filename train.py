@@ -42,21 +42,24 @@ DEFAULT_CONVAI2 = Path("convai2") / "train_self_original_no_cands.txt"
 # trainer/peft_trainer.py overwrites it (and ds_config.json's lr) with the command line's --lr.
 RECIPES = {
     "paper": {"fusion": "prob-mean", "contrast_text": "context", "nll_reduction": "sum", "con_reduction": "pair-sum",
-              "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "lambda_con": 1.0, "lambda_sel": 1.0, "lr": 0.01},
+              "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "detach_prompts_in_scores": False, "lambda_con": 1.0, "lambda_sel": 1.0,
+              "lr": 0.01},
     "authors": {"fusion": "score-logits", "contrast_text": "persona", "nll_reduction": "mean", "con_reduction": "pair-mean",
-                "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "lambda_con": {"opt": 0.4, "llama": 1.0},
+                "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "detach_prompts_in_scores": False,
+                "lambda_con": {"opt": 0.4, "llama": 1.0},
                 "lambda_sel": {"opt": 0.4, "llama": 1.0}, "lr": 1e-4},
     # Not a source's: the paper's losses plus what made the routing set route (RESULTS.md, "A recipe that routes").
     "routed": {"fusion": "prob-mean", "contrast_text": "context", "nll_reduction": "sum", "con_reduction": "pair-sum",
-               "nll_weights": "retriever", "tau_s": 1.0, "center_contexts": True, "lambda_con": 1.0, "lambda_sel": 1.0,
+               "nll_weights": "retriever", "tau_s": 1.0, "center_contexts": True, "detach_prompts_in_scores": False,
+               "lambda_con": 1.0, "lambda_sel": 1.0,
                "lr": 0.01},
 }
 FROM_RECIPE = "(default: from --recipe%(default).0s)"  # %(default).0s prints nothing; it stops "(default: None)"
 LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "con_reduction", "tau_g", "tau_s", "gamma",
-                 "nll_weights", "center_contexts", "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
+                 "nll_weights", "center_contexts", "detach_prompts_in_scores", "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
 # Loss settings added after runs were committed, with the value those runs used: a config without the key means it.
 LEGACY_SETTINGS = {"con_reduction": "pair-mean", "nll_weights": "uniform", "center_contexts": False,
-                   "lr_schedule": "constant"}
+                   "detach_prompts_in_scores": False, "lr_schedule": "constant"}
 
 
 def parse_args(argv=None):
@@ -124,6 +127,10 @@ def parse_args(argv=None):
                    help="subtract the training contexts' mean token embedding from each context before the retriever "
                         "(v_C = W (mean emb_C - mu), SPT.context_vectors), so no shared component sends every context to "
                         "one prompt; paper, authors: off " + FROM_RECIPE)
+    p.add_argument("--detach-prompts-in-scores", action=argparse.BooleanOptionalAction, default=None,
+                   help="score lin_sp(sp_i) in Eq. 1 with sp_i detached, so the retriever's losses (Eq. 3, 4) train "
+                        "lin_sp and lin_C only and each soft prompt learns from the LLM's losses alone; paper, authors: "
+                        "off (their code scores the prompt embeddings themselves) " + FROM_RECIPE)
     p.add_argument("--tau-g", type=float, default=1.0, help="temperature of the LLM feedback softmax (Eq. 3)")
     p.add_argument("--tau-s", type=float, default=None,
                    help="temperature of the retriever softmax p = softmax(s / tau_s) (Eq. 3; the authors' tau_sim); "
@@ -188,7 +195,8 @@ def recipe_line(args):
     return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g} {args.lr_schedule}, lambda-con {args.lambda_con:g}, "
             f"lambda-sel {args.lambda_sel:g}, lambda-fusion {args.lambda_fusion:g}, nll-reduction {args.nll_reduction}, "
             f"con-reduction {args.con_reduction}, fusion {args.fusion}, contrast-text {args.contrast_text}, "
-            f"nll-weights {args.nll_weights}, tau-s {args.tau_s:g}, center-contexts {'on' if args.center_contexts else 'off'}")
+            f"nll-weights {args.nll_weights}, tau-s {args.tau_s:g}, center-contexts {'on' if args.center_contexts else 'off'}, "
+            f"detach-prompts-in-scores {'on' if args.detach_prompts_in_scores else 'off'}")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -704,7 +712,7 @@ def train(args):
         [data.encode_example(ex, tok, args.max_len) for ex in held_out[:args.eval_examples]],
         args.batch_size, tok.pad_id, shuffle=False))[rank::world]] if args.eval_every else []
 
-    spt = SPT(args.num_prompts, args.prompt_len, llm.embed_dim, args.center_contexts)
+    spt = SPT(args.num_prompts, args.prompt_len, llm.embed_dim, args.center_contexts, args.detach_prompts_in_scores)
     if args.center_contexts:
         spt.set_context_center(context_means(llm, encoded, tok.pad_id, device))
     if args.prompt_init == "vocab":
