@@ -3446,13 +3446,16 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert "| SPT, --recipe routed |" in table and "--recipe routed at every seed: routing purity >= 0.9:" in table
     assert "| --recipe routed --no-center-contexts |" in table and "| --recipe routed --nll-weights uniform |" in table
     assert "| SPT, --recipe routed --nll-weights picked |" in table
+    assert "--recipe routed --nll-weights picked --detach-prompts-in-scores at every seed: routing purity" in table
+    detached = json.loads((out / "ablation" / "picked_detached_no_center_contexts" / "config.json").read_text())
+    assert (detached["nll_weights"], detached["detach_prompts_in_scores"], detached["center_contexts"]) == ("picked", True, False)
     minutes = {label: float(m) for label, m in re.findall(r"^\| (.+?) \| (\d+\.\d) \|", table, re.MULTILINE)}
     logged = sum(json.loads(line)["seconds"] for kind in data.ROUTING_KINDS
                  for line in (out / "seed0" / f"oracle_{kind}" / "log.jsonl").read_text().splitlines())
     assert set(minutes) == {label for _, label in routing.ROUTED_RUNS} and minutes[routing.ORACLE[1]] == round(logged / 60, 1)
     assert not list(out.glob("*/*/train_state.pt"))
     again = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count(": done, kept") == 10, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count(": done, kept") == 13, again.stdout[-2000:]
 
 
 def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):

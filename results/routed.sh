@@ -2,7 +2,7 @@
 # RESULTS.md "A recipe that routes" (issue 31): --recipe routed against PT, --recipe paper and the oracle on the routing
 # set (`--data routing`, four kinds), each seed of SEEDS, the same steps and data order per seed; then the ablation,
 # --recipe routed without each of its changes (seed 0), and the table (python results/routing.py routed OUT).
-# Usage: bash results/routed.sh   (about 110 minutes on 2 idle cores in bf16; STEPS=5 SEEDS=0 for a quick look;
+# Usage: bash results/routed.sh   (about 160 minutes on 2 idle cores in bf16; STEPS=5 SEEDS=0 for a quick look;
 # MODEL=tiny OUT=/tmp/x STEPS=2 SEEDS=0 is the smoke run the tests do). A finished run is kept; a cut one continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +34,7 @@ for seed in $SEEDS; do
   train "seed$seed/spt_paper" "$seed" "${SPT[@]}" --recipe paper
   train "seed$seed/spt_routed" "$seed" "${SPT[@]}" --recipe routed
   train "seed$seed/spt_routed_picked" "$seed" "${SPT[@]}" --recipe routed --nll-weights picked
+  train "seed$seed/spt_routed_picked_detached" "$seed" "${SPT[@]}" --recipe routed --nll-weights picked --detach-prompts-in-scores
   for kind in food music pets sports; do
     train "seed$seed/oracle_$kind" "$seed" --data "$OUT/oracle_data/$kind.jsonl" --batch-size 2 --method pt
   done
@@ -41,6 +42,9 @@ done
 first=${SEEDS%% *}
 train "ablation/no_nll_weights" "$first" "${SPT[@]}" --recipe routed --nll-weights uniform
 train "ablation/no_center_contexts" "$first" "${SPT[@]}" --recipe routed --no-center-contexts
+train "ablation/detached" "$first" "${SPT[@]}" --recipe routed --detach-prompts-in-scores
+train "ablation/picked_detached_no_center_contexts" "$first" "${SPT[@]}" --recipe routed --nll-weights picked \
+  --detach-prompts-in-scores --no-center-contexts
 rm -r "$OUT/oracle_data"
 "$PY" results/routing.py routed "$OUT"
 echo "routed recipe check done in $((SECONDS / 60))m$((SECONDS % 60))s"
