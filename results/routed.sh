@@ -2,7 +2,7 @@
 # RESULTS.md "A recipe that routes" (issue 31): --recipe routed against PT, --recipe paper and the oracle on the routing
 # set (`--data routing`, four kinds), each seed of SEEDS, the same steps and data order per seed; then the ablation,
 # --recipe routed without each of its changes (seed 0), and the table (python results/routing.py routed OUT).
-# Usage: bash results/routed.sh   (about 160 minutes on 2 idle cores in bf16; STEPS=5 SEEDS=0 for a quick look;
+# Usage: bash results/routed.sh   (about 3.5 hours on 2 idle cores in bf16; STEPS=5 SEEDS=0 for a quick look;
 # MODEL=tiny OUT=/tmp/x STEPS=2 SEEDS=0 is the smoke run the tests do). A finished run is kept; a cut one continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
