@@ -42,22 +42,21 @@ DEFAULT_CONVAI2 = Path("convai2") / "train_self_original_no_cands.txt"
 # trainer/peft_trainer.py overwrites it (and ds_config.json's lr) with the command line's --lr.
 RECIPES = {
     "paper": {"fusion": "prob-mean", "contrast_text": "context", "nll_reduction": "sum", "con_reduction": "pair-sum",
-              "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "detach_prompts_in_scores": False, "lambda_con": 1.0, "lambda_sel": 1.0,
-              "lr": 0.01},
+              "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "detach_prompts_in_scores": False,
+              "lambda_con": 1.0, "lambda_sel": 1.0, "lr": 0.01},
     "authors": {"fusion": "score-logits", "contrast_text": "persona", "nll_reduction": "mean", "con_reduction": "pair-mean",
                 "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "detach_prompts_in_scores": False,
-                "lambda_con": {"opt": 0.4, "llama": 1.0},
-                "lambda_sel": {"opt": 0.4, "llama": 1.0}, "lr": 1e-4},
+                "lambda_con": {"opt": 0.4, "llama": 1.0}, "lambda_sel": {"opt": 0.4, "llama": 1.0}, "lr": 1e-4},
     # Not a source's: the paper's losses plus what made the routing set route (RESULTS.md, "A recipe that routes").
     "routed": {"fusion": "prob-mean", "contrast_text": "context", "nll_reduction": "sum", "con_reduction": "pair-sum",
                "nll_weights": "retriever", "tau_s": 1.0, "center_contexts": True, "detach_prompts_in_scores": False,
-               "lambda_con": 1.0, "lambda_sel": 1.0,
-               "lr": 0.01},
+               "lambda_con": 1.0, "lambda_sel": 1.0, "lr": 0.01},
 }
 FROM_RECIPE = "(default: from --recipe%(default).0s)"  # %(default).0s prints nothing; it stops "(default: None)"
 LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "con_reduction", "tau_g", "tau_s", "gamma",
-                 "nll_weights", "center_contexts", "detach_prompts_in_scores", "lambda_con", "lambda_sel", "lambda_fusion", "feedback_noise")
-# Loss settings added after runs were committed, with the value those runs used: a config without the key means it.
+                 "nll_weights", "center_contexts", "detach_prompts_in_scores", "lambda_con", "lambda_sel", "lambda_fusion",
+                 "feedback_noise")
+# Settings added after runs were committed, with the value those runs used: a config without the key means it.
 LEGACY_SETTINGS = {"con_reduction": "pair-mean", "nll_weights": "uniform", "center_contexts": False,
                    "detach_prompts_in_scores": False, "lr_schedule": "constant"}
 
@@ -778,7 +777,8 @@ def train(args):
             values = torch.stack([loss, *parts.values()])
             dist.all_reduce(values)
             loss, parts = values[0] / world, dict(zip(parts, values[1:] / world))
-        pending.append(({"step": step, "loss": loss, **parts, "usage": step_usage, **stats, "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 4),
+        pending.append(({"step": step, "loss": loss, **parts, "usage": step_usage, **stats,
+                         "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 4),
                          "bleu_seconds": round(bleu_seconds, 4), **({"skipped": True} if skipped else {})}, local_loss))
         if skipped:
             log(rank, f"step {step}: float16 gradients overflowed, so the GradScaler skipped this update and lowered "

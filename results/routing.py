@@ -195,7 +195,8 @@ def routed_report(runs_dir):
         lines.append(f"| {label} | {mean_std(nll)} | {cell(name, 'nll', '{:.3f}')} | {best_cell} | "
                      f"{cell(name, 'purity', '{:.2f}')} |")
     lines.append("")
-    for name, label in ROUTED_RUNS[2:-1]:  # the bar for each routed row
+    routed_rows = [(name, label) for name, label in ROUTED_RUNS if name.startswith("spt_routed")]
+    for name, label in routed_rows:  # the bar for each
         routed = [rows[seed.name, name] for seed in seeds]
         checks = {"routing purity >= 0.9": all(r["purity"] >= 0.9 for r in routed),
                   "held-out NLL below PT's": all(r["nll"] < rows[s.name, "pt"]["nll"] for r, s in zip(routed, seeds)),
