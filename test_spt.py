@@ -3425,7 +3425,8 @@ def test_routing_script_runs_end_to_end_on_the_tiny_model(tmp_path):
 @pytest.mark.slow
 def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     """results/routed.sh as written, tiny model, 2 steps, seed 0: a run cut after step 1 continues, every run has its
-    recipe's settings, the table the issue's bar per seed, the ablation rows, and a second call keeps the finished runs."""
+    recipe's settings, the table the issue's bar per seed and the ablation rows labelled by their flags, the runs the
+    bar may need to extend keep their Adam state, and a second call keeps the finished runs."""
     out = tmp_path / "routed"
     env = {**os.environ, "MODEL": "tiny", "STEPS": "2", "SEEDS": "0", "OUT": str(out), "PY": sys.executable,
            "OMP_NUM_THREADS": "1"}
@@ -3437,25 +3438,43 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in read_log(out / "seed0" / "pt" / "log.jsonl")] == [1, 2]  # continued, not kept or restarted
     routed = json.loads((out / "seed0" / "spt_routed" / "config.json").read_text())
-    assert (routed["nll_weights"], routed["center_contexts"], routed["con_reduction"]) == ("retriever", True, "pair-sum")
-    hard = json.loads((out / "seed0" / "spt_routed_picked" / "config.json").read_text())
-    assert (hard["nll_weights"], hard["center_contexts"]) == ("picked", True)
-    ablated = json.loads((out / "ablation" / "no_center_contexts" / "config.json").read_text())
-    assert (ablated["nll_weights"], ablated["center_contexts"]) == ("retriever", False)
+    assert (routed["nll_weights"], routed["detach_prompts_in_scores"], routed["center_contexts"], routed["con_reduction"]) == (
+        "picked", True, True, "pair-sum")
+    ablated = {name: json.loads((out / "ablation" / name / "config.json").read_text())
+               for name in ("no_nll_weights", "no_detach", "no_center_contexts")}
+    assert [(c["nll_weights"], c["detach_prompts_in_scores"], c["center_contexts"]) for c in ablated.values()] == [
+        ("uniform", True, True), ("picked", False, True), ("picked", True, False)]
     table = (out / "table.md").read_text()
-    assert "| SPT, --recipe routed |" in table and "--recipe routed at every seed: routing purity >= 0.9:" in table
-    assert "| --recipe routed --no-center-contexts |" in table and "| --recipe routed --nll-weights uniform |" in table
-    assert "| SPT, --recipe routed --nll-weights picked |" in table
-    assert "--recipe routed --nll-weights picked --detach-prompts-in-scores at every seed: routing purity" in table
-    detached = json.loads((out / "ablation" / "picked_detached_no_center_contexts" / "config.json").read_text())
-    assert (detached["nll_weights"], detached["detach_prompts_in_scores"], detached["center_contexts"]) == ("picked", True, False)
+    assert "| SPT, --recipe routed |" in table and "| SPT, --recipe paper |" in table
+    assert "\n--recipe routed at every seed: routing purity >= 0.9:" in table
+    for row in ("--recipe routed --nll-weights uniform", "--recipe routed --no-detach-prompts-in-scores",
+                "--recipe routed --no-center-contexts"):
+        assert f"\n| {row} |" in table
     minutes = {label: float(m) for label, m in re.findall(r"^\| (.+?) \| (\d+\.\d) \|", table, re.MULTILINE)}
     logged = sum(json.loads(line)["seconds"] for kind in data.ROUTING_KINDS
                  for line in (out / "seed0" / f"oracle_{kind}" / "log.jsonl").read_text().splitlines())
-    assert set(minutes) == {label for _, label in routing.ROUTED_RUNS} and minutes[routing.ORACLE[1]] == round(logged / 60, 1)
-    assert not list(out.glob("*/*/train_state.pt"))
+    assert set(minutes) == {"PT (K = 1)", "SPT, --recipe paper", "SPT, --recipe routed", routing.ORACLE[1]}
+    assert minutes[routing.ORACLE[1]] == round(logged / 60, 1)
+    kept = sorted(str(f.parent.relative_to(out)) for f in out.glob("*/*/train_state.pt"))
+    assert kept == ["seed0/oracle_food", "seed0/oracle_music", "seed0/oracle_pets", "seed0/oracle_sports", "seed0/pt",
+                    "seed0/spt_routed"]
     again = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count(": done, kept") == 13, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count(": done, kept") == 10, again.stdout[-2000:]
+
+
+def test_recipe_flags_label_a_run_by_what_its_recipe_sets_today():
+    """A run trained under an earlier --recipe routed (p-weighted NLL, prompts not detached) and a float32 run of the
+    paper recipe from before L_con was summed over pairs label themselves with the flags that reproduce them now."""
+    config = lambda recipe, **settings: {"recipe": recipe, "arch": "llama", "args": {"lr": settings.pop("lr", 0.01)},  # noqa: E731
+                                         **{k: v for k, v in train.RECIPES[recipe].items() if not isinstance(v, dict)}, **settings}
+    assert train.recipe_flags(config("routed")) == "--recipe routed"
+    assert train.recipe_flags(config("routed", nll_weights="retriever", detach_prompts_in_scores=False)) == (
+        "--recipe routed --nll-weights retriever --no-detach-prompts-in-scores")
+    legacy = config("paper")
+    del legacy["con_reduction"]  # a config from before the setting existed: LEGACY_SETTINGS gives pair-mean
+    assert train.recipe_flags(legacy) == "--recipe paper --con-reduction pair-mean"
+    authors = config("authors", lr=0.01, lambda_con=0.4, lambda_sel=1.0)
+    assert train.recipe_flags(authors) == "--recipe authors --lambda-con 0.4 --lr 0.01"
 
 
 def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):

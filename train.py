@@ -48,8 +48,9 @@ RECIPES = {
                 "nll_weights": "uniform", "tau_s": 1.0, "center_contexts": False, "detach_prompts_in_scores": False,
                 "lambda_con": {"opt": 0.4, "llama": 1.0}, "lambda_sel": {"opt": 0.4, "llama": 1.0}, "lr": 1e-4},
     # Not a source's: the paper's losses plus what made the routing set route (RESULTS.md, "A recipe that routes").
+    # Until commit f961a71 it had nll_weights "retriever" and no detach_prompts_in_scores: recipe_flags() labels those runs.
     "routed": {"fusion": "prob-mean", "contrast_text": "context", "nll_reduction": "sum", "con_reduction": "pair-sum",
-               "nll_weights": "retriever", "tau_s": 1.0, "center_contexts": True, "detach_prompts_in_scores": False,
+               "nll_weights": "picked", "tau_s": 1.0, "center_contexts": True, "detach_prompts_in_scores": True,
                "lambda_con": 1.0, "lambda_sel": 1.0, "lr": 0.01},
 }
 FROM_RECIPE = "(default: from --recipe%(default).0s)"  # %(default).0s prints nothing; it stops "(default: None)"
@@ -101,8 +102,8 @@ def parse_args(argv=None):
                         "prompts, L_con summed over the pairs: pair-sum, lambdas 1, lr 0.01); 'authors': the authors' "
                         "public code (score-logits fusion, persona BLEU, pooled NLL, L_con averaged over the pairs: "
                         "pair-mean, lr 1e-4, lambda-con = lambda-sel = 0.4 for OPT and 1 for Llama models, as their "
-                        "configs give); 'routed': the paper's plus --nll-weights retriever and --center-contexts "
-                        "(not a source's). A flag given explicitly wins; train.py's first line shows "
+                        "configs give); 'routed': the paper's plus --nll-weights picked, --detach-prompts-in-scores and "
+                        "--center-contexts (not a source's). A flag given explicitly wins; train.py's first line shows "
                         "the resolved values")
     p.add_argument("--fusion", choices=["prob-mean", "score-logits"], default=None,
                    help="Eq. 5 as printed (NLL of the mean of the K distributions), or the authors' cross-entropy "
@@ -196,6 +197,23 @@ def recipe_line(args):
             f"con-reduction {args.con_reduction}, fusion {args.fusion}, contrast-text {args.contrast_text}, "
             f"nll-weights {args.nll_weights}, tau-s {args.tau_s:g}, center-contexts {'on' if args.center_contexts else 'off'}, "
             f"detach-prompts-in-scores {'on' if args.detach_prompts_in_scores else 'off'}")
+
+
+def recipe_flags(config):
+    """A run's loss settings as the command line that gives them: '--recipe R' and each flag whose value in the
+    run's config.json differs from what R sets today, so a run labels itself right after its recipe is redefined."""
+    flags = [f"--recipe {config['recipe']}"]
+    for name, value in RECIPES[config["recipe"]].items():
+        value = value[config["arch"]] if isinstance(value, dict) else value
+        used = config["args"]["lr"] if name == "lr" else config.get(name, LEGACY_SETTINGS.get(name))
+        flag = "--" + name.replace("_", "-")
+        if used == value:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if used else f"--no-{flag[2:]}")
+        else:
+            flags.append(f"{flag} {used:g}" if isinstance(value, float) else f"{flag} {used}")
+    return " ".join(flags)
 
 
 # ----------------------------------------------------------------------------- setup

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # How --recipe routed was found (RESULTS.md, "A recipe that routes"): --recipe paper with each candidate change, on the
-# routing set, seed 0, 80 steps, bf16, scored on the 200 held-out examples by `routing.py score`. The PT and oracle
-# rows to compare with are results/routed/seed0. Usage: bash results/routed_search.sh   (about 45 minutes on 2 cores;
-# the committed results/routed/search.txt came from these commands run one at a time beside other work)
+# routing set, seed 0, 80 steps, bf16, scored on the 200 held-out examples by `routing.py score`. PT and the oracle
+# at the same seed and steps: RESULTS.md (commit 57a6b9d's results/routed/seed0). Usage: bash results/routed_search.sh
+# (about 45 minutes on 2 cores; the committed results/routed/search.txt came from these commands run one at a time
+# beside other work)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}

@@ -121,14 +121,24 @@ def report(runs_dir):
     plot(runs_dir)
 
 
-ROUTED_RUNS = [("pt", "PT (K = 1)"), ("spt_paper", "SPT, --recipe paper"), ("spt_routed", "SPT, --recipe routed"),
-               ("spt_routed_picked", "SPT, --recipe routed --nll-weights picked"),
-               ("spt_routed_picked_detached", "SPT, --recipe routed --nll-weights picked --detach-prompts-in-scores"), ORACLE]
-ABLATIONS = [("no_nll_weights", "--recipe routed --nll-weights uniform"),
-             ("no_center_contexts", "--recipe routed --no-center-contexts"),
-             ("detached", "--recipe routed --detach-prompts-in-scores"),
-             ("picked_detached_no_center_contexts",
-              "--recipe routed --nll-weights picked --detach-prompts-in-scores --no-center-contexts")]
+# results/routed.sh's runs per seed, in table order; a run is shown when it finished at every seed. Rows are labelled by
+# the flags that give them today (train.recipe_flags), so the runs of an earlier --recipe routed label themselves.
+ROUTED_RUNS = ["pt", "spt_paper", "spt_routed", "spt_routed_picked", "spt_routed_picked_detached", "oracle"]
+ABLATIONS = ["no_nll_weights", "no_detach", "no_center_contexts", "detached", "picked_detached_no_center_contexts"]
+
+
+def finished(folder):
+    """True when the run in folder (or, for seedN/oracle, each of the four oracle runs) trained all its steps."""
+    folders = oracle_folders(folder.parent) if folder.name == "oracle" else [folder]
+    configs = [json.loads((f / "config.json").read_text()) if (f / "config.json").is_file() else None for f in folders]
+    return all(c is not None and c["step"] == c["args"]["max_steps"] for c in configs)
+
+
+def run_label(folder, prefix="SPT, "):
+    """A routed.sh run's row label: PT, the oracle, or prefix and the flags its config.json was trained with."""
+    if folder.name in ("pt", ORACLE[0]):
+        return RUNS[0][1] if folder.name == "pt" else ORACLE[1]
+    return prefix + train.recipe_flags(json.loads((folder / "config.json").read_text()))
 
 
 def read_log(folder):
@@ -179,53 +189,56 @@ def routed_report(runs_dir):
     the ablation (RUNS/ablation/, seed 0)."""
     runs_dir = Path(runs_dir)
     seeds = sorted(runs_dir.glob("seed*"), key=lambda d: int(d.name[4:]))
+    names = [name for name in ROUTED_RUNS if all(finished(seed / name) for seed in seeds)]
+    if "pt" not in names or "oracle" not in names:
+        sys.exit(f"error: {runs_dir} has no finished PT and oracle runs at every seed: run bash results/routed.sh")
+    labels = {name: run_label(seeds[0] / name) for name in names}
     llm, _, batches, kinds = held_out_part(seeds[0] / "pt")
     config = json.loads((seeds[0] / "pt" / "config.json").read_text())
-    rows = {(seed.name, name): score_folder(llm, batches, kinds, seed / name, label)
-            for seed in seeds for name, label in ROUTED_RUNS}
+    rows = {(seed.name, name): score_folder(llm, batches, kinds, seed / name, labels[name]) for seed in seeds for name in names}
     cell = lambda name, key, fmt: " / ".join(fmt.format(rows[seed.name, name][key]) for seed in seeds)  # noqa: E731
     lines = [f"Seeds {', '.join(seed.name[4:] for seed in seeds)}; {config['args']['max_steps']} steps each, "
              f"{config.get('dtype', 'float32')}; per-seed values in seed order.", "",
              "| run | held-out NLL, Eq. 7 | per seed | NLL with each context's best prompt | routing purity per seed |",
              "| --- | ---: | ---: | ---: | ---: |"]
-    for name, label in ROUTED_RUNS:
+    for name in names:
         nll = [rows[seed.name, name]["nll"] for seed in seeds]
         best = [rows[seed.name, name]["best_prompt_nll"] for seed in seeds]
         best_cell = mean_std(best) if None not in best else ""
-        lines.append(f"| {label} | {mean_std(nll)} | {cell(name, 'nll', '{:.3f}')} | {best_cell} | "
+        lines.append(f"| {labels[name]} | {mean_std(nll)} | {cell(name, 'nll', '{:.3f}')} | {best_cell} | "
                      f"{cell(name, 'purity', '{:.2f}')} |")
     lines.append("")
-    routed_rows = [(name, label) for name, label in ROUTED_RUNS if name.startswith("spt_routed")]
-    for name, label in routed_rows:  # the issue's bar for each
+    for name in [name for name in names if name.startswith("spt_routed")]:  # the issue's bar for each
         routed = [rows[seed.name, name] for seed in seeds]
         checks = {"routing purity >= 0.9": all(r["purity"] >= 0.9 for r in routed),
                   "held-out NLL below PT's": all(r["nll"] < rows[s.name, "pt"]["nll"] for r, s in zip(routed, seeds)),
                   "within 0.05 of the oracle's": all(r["nll"] <= rows[s.name, "oracle"]["nll"] + 0.05 for r, s in zip(routed, seeds))}
-        lines += [f"{label.removeprefix('SPT, ')} at every seed: " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items()) + "."]
+        lines += [f"{labels[name].removeprefix('SPT, ')} at every seed: " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items()) + "."]
     lines += ["", "| held-out NLL by kind: food / music / pets / sports | " + " | ".join(f"seed {s.name[4:]}" for s in seeds) + " |",
               "| --- |" + " ---: |" * len(seeds)]
-    for name, label in ROUTED_RUNS:
-        lines.append(f"| {label} | " + " | ".join(" / ".join(f"{v:.2f}" for _, v in sorted(rows[s.name, name]["nll_by_kind"].items()))
-                                                 for s in seeds) + " |")
-    lines += ["", *budget_table(seeds)]
-    ablation = [(folder, label) for folder, label in ((runs_dir / "ablation" / n, l) for n, l in ABLATIONS) if folder.is_dir()]
-    if ablation:
+    for name in names:
+        lines.append(f"| {labels[name]} | " + " | ".join(" / ".join(f"{v:.2f}" for _, v in sorted(rows[s.name, name]["nll_by_kind"].items()))
+                                                       for s in seeds) + " |")
+    lines += ["", *budget_table(seeds, names, labels)]
+    ablation = [runs_dir / "ablation" / name for name in ABLATIONS if (runs_dir / "ablation" / name).is_dir()]
+    ablation = [folder for folder in ablation if finished(folder)]
+    if ablation and "spt_routed" in names:
         seed0 = seeds[0].name
         lines += ["", f"| ablation (seed {seed0[4:]}) | held-out NLL, Eq. 7 | NLL with each context's best prompt | routing purity | prompt usage |",
                   "| --- | ---: | ---: | ---: | --- |"]
-        for row in [rows[seed0, "spt_routed"]] + [score_folder(llm, batches, kinds, f, l) for f, l in ablation]:
+        for row in [rows[seed0, "spt_routed"]] + [score_folder(llm, batches, kinds, f, run_label(f, "")) for f in ablation]:
             lines.append(f"| {row['label']} | {row['nll']:.3f} | {row['best_prompt_nll']:.3f} | {row['purity']:.2f} | {row['usage']} |")
     (runs_dir / "table.md").write_text("\n".join(lines) + "\n")
     (runs_dir / "report.json").write_text(json.dumps({f"{s}/{n}": r for (s, n), r in rows.items()}, indent=1) + "\n")
     print("\n".join(lines))
 
 
-def budget_table(seeds):
+def budget_table(seeds, names, labels):
     """Each run's training minutes (mean over seeds; the oracle's four runs added) and its held-out curve, the NLL at
     each --eval-every step with Eq. 7's pick (mean over seeds), from the runs' log.jsonl: the budget, and whether it
     was enough for the curves to flatten."""
     minutes, curves = {}, {}
-    for name, _ in ROUTED_RUNS:
+    for name in names:
         folders = [oracle_folders(seed) if name == "oracle" else [seed / name] for seed in seeds]
         minutes[name] = sum(r["seconds"] for per_seed in folders for f in per_seed for r in read_log(f)) / 60 / len(seeds)
         evals = [{r["step"]: r["eval_nll"] for r in read_log(per_seed[0]) if "eval_nll" in r} for per_seed in folders]
@@ -233,8 +246,8 @@ def budget_table(seeds):
     steps = sorted({step for curve in curves.values() for step in curve})
     lines = ["| run | training minutes per seed | " + " | ".join(f"NLL at step {s}" for s in steps) + " |",
              "| --- | ---: |" + " ---: |" * len(steps)]
-    for name, label in ROUTED_RUNS:
-        lines.append(f"| {label} | {minutes[name]:.1f} | " + " | ".join(f"{curves[name][s]:.3f}" if s in curves[name] else ""
+    for name in names:
+        lines.append(f"| {labels[name]} | {minutes[name]:.1f} | " + " | ".join(f"{curves[name][s]:.3f}" if s in curves[name] else ""
                                                                    for s in steps) + " |")
     return lines + ["", "Minutes: the sum of the logged step times (evaluation not included). NLL at step N: "
                         "the held-out part with Eq. 7's pick, mean over the seeds (the oracle logs none)."]
