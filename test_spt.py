@@ -1936,6 +1936,28 @@ def test_resume_reads_a_config_without_con_reduction_as_the_mean_form(tmp_path):
     assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2]
 
 
+def test_config_names_the_processors_a_run_trained_on_and_a_move_is_said(tmp_path, capsys):
+    """bf16 rounds differently on different CPUs: config.json names the processor, and a run resumed on another one
+    says so and lists both; a run from before configs named it resumes with the current one only."""
+    flags = TINY + ["--max-len", "64", "--batch-size", "4", "--out", str(tmp_path)]
+    train.train(train.parse_args(flags + ["--max-steps", "1"]))
+    here = train.processor_name(torch.device("cpu"))
+    assert here and json.loads((tmp_path / "config.json").read_text())["processors"] == [here]
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    state["config"]["processors"] = ["Elsewhere CPU"]
+    torch.save(state, tmp_path / "train_state.pt")
+    capsys.readouterr()
+    train.train(train.parse_args(flags + ["--max-steps", "2", "--resume"]))
+    assert f"trained on Elsewhere CPU so far and continues on {here}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "config.json").read_text())["processors"] == ["Elsewhere CPU", here]
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    del state["config"]["processors"]
+    torch.save(state, tmp_path / "train_state.pt")
+    train.train(train.parse_args(flags + ["--max-steps", "3", "--resume"]))
+    assert "continues on" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "config.json").read_text())["processors"] == [here]
+
+
 @pytest.mark.parametrize("flag", ["--tau-s", "--tau-g"])
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_temperatures_must_be_positive(flag, value, capsys):

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -635,8 +636,21 @@ def load_checkpoint(ckpt, embed_dim=None, device="cpu"):
     return spt.to(device), config
 
 
+def processor_name(device):
+    """The GPU's or CPU's model name: bf16 rounds differently on different processors, so a run records its own."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return names[0] if names else (platform.processor() or "unknown CPU")
+
+
 def checkpoint_config(args, llm, world):
+    """config.json: what the checkpoint needs to be loaded and resumed, and where it trained ('processors', in the
+    order a resumed run met them)."""
     return {"model": args.model, "arch": llm.config.arch, "embed_dim": llm.embed_dim, "dtype": dtype_name(llm.dtype),
+            "processors": [processor_name(next(llm.parameters()).device)],
             "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "method": args.method,
             "max_len": args.max_len, "data": args.data, "holdout": args.holdout, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "world_size": world, "seed": args.seed, "max_examples": args.max_examples,
@@ -913,6 +927,11 @@ def resume(out, spt, optimizer, scaler, config, rank):
                              f"pass the same flags or a new --out")
     # PT: the prompt only; the untrained retriever is the seed's initialisation, as in the saving run
     spt.load_state_dict(state["spt"], strict=set(state["spt"]) == set(spt.state_dict()))
+    before = saved.get("processors", [])  # none recorded: a run from before configs named the processor
+    if before and before[-1] != config["processors"][-1]:
+        log(rank, f"note: {out} trained on {before[-1]} so far and continues on {config['processors'][-1]}; "
+                  f"{config['dtype']} may round differently there, so the run mixes the two (config.json lists both)")
+    config["processors"] = before + [name for name in config["processors"] if name not in before[-1:]]
     if config["lr_schedule"] == "cosine" and any(saved["args"][k] != config["args"][k] for k in ("max_steps", "epochs")):
         raise ValueError(f"--resume: {out} decays its lr (--lr-schedule cosine) over the steps its --max-steps and "
                          f"--epochs give; pass the same ones (a longer run needs a new --out)")
