@@ -927,11 +927,11 @@ def resume(out, spt, optimizer, scaler, config, rank):
                              f"pass the same flags or a new --out")
     # PT: the prompt only; the untrained retriever is the seed's initialisation, as in the saving run
     spt.load_state_dict(state["spt"], strict=set(state["spt"]) == set(spt.state_dict()))
-    before = saved.get("processors", [])  # none recorded: a run from before configs named the processor
-    if before and before[-1] != config["processors"][-1]:
-        log(rank, f"note: {out} trained on {before[-1]} so far and continues on {config['processors'][-1]}; "
-                  f"{config['dtype']} may round differently there, so the run mixes the two (config.json lists both)")
-    config["processors"] = before + [name for name in config["processors"] if name not in before[-1:]]
+    before, [here] = saved.get("processors", []), config["processors"]  # none before: a run from before configs named it
+    if before and before[-1] != here:
+        log(rank, f"note: {out} trained on {before[-1]} so far and continues on {here}; {config['dtype']} may round "
+                  f"differently there, so the run mixes the two (config.json lists both)")
+    config["processors"] = before if before[-1:] == [here] else before + [here]
     if config["lr_schedule"] == "cosine" and any(saved["args"][k] != config["args"][k] for k in ("max_steps", "epochs")):
         raise ValueError(f"--resume: {out} decays its lr (--lr-schedule cosine) over the steps its --max-steps and "
                          f"--epochs give; pass the same ones (a longer run needs a new --out)")

@@ -136,8 +136,9 @@ def finished(folder):
 
 def run_label(folder, prefix="SPT, "):
     """A routed.sh run's row label: PT, the oracle, or prefix and the flags its config.json was trained with."""
-    if folder.name in ("pt", ORACLE[0]):
-        return RUNS[0][1] if folder.name == "pt" else ORACLE[1]
+    fixed = {RUNS[0][0]: RUNS[0][1], ORACLE[0]: ORACLE[1]}  # PT and the oracle: one label whatever the recipe
+    if folder.name in fixed:
+        return fixed[folder.name]
     return prefix + train.recipe_flags(json.loads((folder / "config.json").read_text()))
 
 
