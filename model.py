@@ -105,11 +105,28 @@ class KVCache:
 SMALL_ATTENTION = 192 * 192
 
 
+# bf16 on a CPU without bf16 matmul kernels (oneDNN's need AVX-512; on an AMD EPYC of ours with AVX2 only, torch's
+# fallback loops ran bf16 matmuls at 0.88 GFLOP/s against 127 in float32): the product of two bf16 numbers is exact
+# in float32, so a float32 matmul of the bf16 operands, rounded to bf16, is what a bf16 kernel that accumulates in
+# float32 computes, at float32 speed. Linear takes this path there, and attention runs in float32 on the bf16
+# q, k, v (finer than a bf16 kernel, which rounds the scores); activations stay bf16.
+CPU_HAS_BF16_MATMUL = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def bf16_matmul_in_float32(device):
+    """True on a CPU without fast bf16 matmuls: there, bf16 matmuls run in float32 on the bf16 operands."""
+    return device.type == "cpu" and not CPU_HAS_BF16_MATMUL
+
+
 def attend(q, k, v, mask, layer, kv_cache):
     """Scaled dot-product attention of q (B, H, T, hd) over cached + new k, v (B, H_kv, S, hd); mask None: causal only."""
     if kv_cache is not None:
         k, v = kv_cache.update(layer, k, v)
-    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] * k.shape[2] <= SMALL_ATTENTION:
+    if q.dtype == torch.bfloat16 and bf16_matmul_in_float32(q.device):
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=k.shape[1] != q.shape[1]).to(q.dtype)
+    elif q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] * k.shape[2] <= SMALL_ATTENTION:
         y = attention_by_matmul(q, k, v, mask)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1])
@@ -146,11 +163,16 @@ class Linear(nn.Linear):
     Same product, other operand order: for 2 to 8 rows MKL streams the weight about 1.4x faster
     this way (SmolLM2, batch 8: 33 instead of 46 ms of matmuls per decoding step). One row goes in
     twice, because MKL's one-row kernel uses a single core (SmolLM2 chat: 44 -> 23 ms per token).
-    More rows, other devices and bf16/fp16 take the usual path (in bf16 it is the faster one: SmolLM2's
+    bf16 on a CPU without bf16 kernels goes through float32 (see bf16_matmul_in_float32). More rows, other
+    devices and bf16/fp16 take the usual path (in bf16 it is the faster one: SmolLM2's
     batch-8 greedy decoding ran 115 instead of 86 tokens/s on an AMD EPYC with avx512_bf16).
     """
 
     def forward(self, x):
+        if self.weight.dtype == torch.bfloat16 and bf16_matmul_in_float32(x.device):
+            with torch.autocast("cpu", enabled=False):
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x.to(torch.bfloat16).float(), self.weight.float(), bias).to(torch.bfloat16)
         rows = x.shape[:-1].numel()
         if x.device.type != "cpu" or rows > 8 or x.dtype != torch.float32:
             return super().forward(x)

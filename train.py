@@ -30,7 +30,7 @@ import data
 import losses
 import metrics
 from llm_loader import load_llm
-from model import Linear
+from model import Linear, bf16_matmul_in_float32
 from retriever import SPT, masked_mean, prompted_inputs
 
 DEFAULT_CONVAI2 = Path("convai2") / "train_self_original_no_cands.txt"
@@ -722,6 +722,8 @@ def train(args):
     llm, tok, dtype, dtype_why = load_frozen_llm(args.model, device, args.dtype)
     if resumed_dtype:
         dtype_why = f"auto: the dtype of the checkpoint in {out}"
+    if dtype == torch.bfloat16 and bf16_matmul_in_float32(device):
+        dtype_why += "; this CPU has no bf16 matmul kernels, so matmuls run in float32 on the bf16 operands"
     if world > 1:  # every process must compute in one dtype: rank 0's choice (its probe) holds for all
         choice = [dtype, dtype_why]
         dist.broadcast_object_list(choice, src=0)
