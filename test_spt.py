@@ -1807,6 +1807,7 @@ def test_bf16_matmuls_run_in_float32_on_a_cpu_without_bf16_kernels(monkeypatch, 
         x = torch.randn(5, 64, dtype=torch.bfloat16)
         assert torch.equal(linear(x), F.linear(x.float(), linear.weight.float()).to(torch.bfloat16))
 
+
 def test_opt_post_ln_residual_stream_keeps_the_weights_dtype(tmp_path):
     """OPT post-LN blocks put the LayerNorm's output into the residual stream: computed in float32 and cast back,
     it is the weights' dtype whatever autocast would pick on the device (float32 on CUDA, bf16 on CPU)."""
