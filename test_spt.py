@@ -3515,6 +3515,7 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
         ("uniform", True, True), ("picked", False, True), ("picked", True, False)]
     table = (out / "table.md").read_text()
     assert "| SPT, --recipe routed |" in table and "--recipe paper" not in table  # its row is routed_300's only
+    assert table.startswith("Seeds 0; 2 steps each, bfloat16, lr cosine (every run); per-seed values in seed order.")
     assert "\n--recipe routed at every seed: routing purity >= 0.9:" in table
     for row in ("--recipe routed --nll-weights uniform", "--recipe routed --no-detach-prompts-in-scores",
                 "--recipe routed --no-center-contexts"):
@@ -3529,6 +3530,17 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
                     "seed0/spt_routed"]
     again = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count(": done, kept") == 9, again.stdout[-2000:]
+
+
+def test_routed_table_refuses_runs_trained_under_different_lr_schedules(tmp_path):
+    """routing.py routed compares PT, the recipe and the oracle: a PT run at cosine against oracle runs whose configs
+    predate lr_schedule (constant) stops before any scoring, naming both schedules."""
+    for name in ["pt", *(f"oracle_{kind}" for kind in data.ROUTING_KINDS)]:
+        (tmp_path / "seed0" / name).mkdir(parents=True)
+        config = {"step": 2, "args": {"max_steps": 2}, **({"lr_schedule": "cosine"} if name == "pt" else {})}
+        (tmp_path / "seed0" / name / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=re.escape("mixes lr schedules ['constant', 'cosine']")):
+        routing.routed_report(tmp_path)
 
 
 def test_recipe_flags_label_a_run_by_what_its_recipe_sets_today():

@@ -193,13 +193,19 @@ def routed_report(runs_dir):
     names = [name for name in ROUTED_RUNS if all(finished(seed / name) for seed in seeds)]
     if "pt" not in names or "oracle" not in names:
         sys.exit(f"error: {runs_dir} has no finished PT and oracle runs at every seed: run bash results/routed.sh")
+    ablation = [runs_dir / "ablation" / name for name in ABLATIONS if (runs_dir / "ablation" / name).is_dir()]
+    ablation = [folder for folder in ablation if finished(folder)]
+    folders = [f for seed in seeds for name in names for f in (oracle_folders(seed) if name == "oracle" else [seed / name])]
+    schedule = {json.loads((f / "config.json").read_text()).get("lr_schedule", "constant") for f in folders + ablation}
+    if len(schedule) > 1:
+        sys.exit(f"error: {runs_dir} mixes lr schedules {sorted(schedule)}: a table compares runs under one schedule")
     labels = {name: run_label(seeds[0] / name) for name in names}
     llm, _, batches, kinds = held_out_part(seeds[0] / "pt")
     config = json.loads((seeds[0] / "pt" / "config.json").read_text())
     rows = {(seed.name, name): score_folder(llm, batches, kinds, seed / name, labels[name]) for seed in seeds for name in names}
     cell = lambda name, key, fmt: " / ".join(fmt.format(rows[seed.name, name][key]) for seed in seeds)  # noqa: E731
     lines = [f"Seeds {', '.join(seed.name[4:] for seed in seeds)}; {config['args']['max_steps']} steps each, "
-             f"{config.get('dtype', 'float32')}; per-seed values in seed order.", "",
+             f"{config.get('dtype', 'float32')}, lr {schedule.pop()} (every run); per-seed values in seed order.", "",
              "| run | held-out NLL, Eq. 7 | per seed | NLL with each context's best prompt | routing purity per seed |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name in names:
@@ -221,8 +227,6 @@ def routed_report(runs_dir):
         lines.append(f"| {labels[name]} | " + " | ".join(" / ".join(f"{v:.2f}" for _, v in sorted(rows[s.name, name]["nll_by_kind"].items()))
                                                        for s in seeds) + " |")
     lines += ["", *budget_table(seeds, names, labels)]
-    ablation = [runs_dir / "ablation" / name for name in ABLATIONS if (runs_dir / "ablation" / name).is_dir()]
-    ablation = [folder for folder in ablation if finished(folder)]
     if ablation and "spt_routed" in names:
         seed0 = seeds[0].name
         lines += ["", f"| ablation (seed {seed0[4:]}) | held-out NLL, Eq. 7 | NLL with each context's best prompt | routing purity | prompt usage |",
