@@ -104,8 +104,9 @@ def parse_args(argv=None):
                         "public code (score-logits fusion, persona BLEU, pooled NLL, L_con averaged over the pairs: "
                         "pair-mean, lr 1e-4, lambda-con = lambda-sel = 0.4 for OPT and 1 for Llama models, as their "
                         "configs give); 'routed': the paper's plus --nll-weights picked, --detach-prompts-in-scores and "
-                        "--center-contexts (not a source's). A flag given explicitly wins; train.py's first line shows "
-                        "the resolved values")
+                        "--center-contexts (not a source's; results/routed.sh runs it, PT and the oracle with "
+                        "--lr-schedule cosine). A flag given explicitly wins; train.py's first line shows the resolved "
+                        "values")
     p.add_argument("--fusion", choices=["prob-mean", "score-logits"], default=None,
                    help="Eq. 5 as printed (NLL of the mean of the K distributions), or the authors' cross-entropy "
                         "of sum_k s_k * logits_k " + FROM_RECIPE)
