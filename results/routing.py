@@ -129,8 +129,8 @@ ABLATIONS = ["no_nll_weights", "no_detach", "no_center_contexts", "detached", "p
 
 def finished(folder):
     """True when the run in folder (or, for seedN/oracle, each of the four oracle runs) trained all its steps."""
-    folders = oracle_folders(folder.parent) if folder.name == "oracle" else [folder]
-    configs = [json.loads((f / "config.json").read_text()) if (f / "config.json").is_file() else None for f in folders]
+    configs = [json.loads((f / "config.json").read_text()) if (f / "config.json").is_file() else None
+               for f in run_folders(folder)]
     return all(c is not None and c["step"] == c["args"]["max_steps"] for c in configs)
 
 
@@ -150,6 +150,11 @@ def read_log(folder):
 def oracle_folders(seed_dir):
     """The oracle's four one-kind PT runs in seed_dir, in the order of sorted(data.ROUTING_KINDS)."""
     return [seed_dir / f"oracle_{kind}" for kind in sorted(data.ROUTING_KINDS)]
+
+
+def run_folders(folder):
+    """The folders a run trained in: for seedN/oracle its four one-kind PT runs, else the folder itself."""
+    return oracle_folders(folder.parent) if folder.name == "oracle" else [folder]
 
 
 def score_folder(llm, batches, kinds, folder, label):
@@ -195,7 +200,7 @@ def routed_report(runs_dir):
         sys.exit(f"error: {runs_dir} has no finished PT and oracle runs at every seed: run bash results/routed.sh")
     ablation = [runs_dir / "ablation" / name for name in ABLATIONS if (runs_dir / "ablation" / name).is_dir()]
     ablation = [folder for folder in ablation if finished(folder)]
-    folders = [f for seed in seeds for name in names for f in (oracle_folders(seed) if name == "oracle" else [seed / name])]
+    folders = [f for seed in seeds for name in names for f in run_folders(seed / name)]
     schedule = {json.loads((f / "config.json").read_text()).get("lr_schedule", "constant") for f in folders + ablation}
     if len(schedule) > 1:
         sys.exit(f"error: {runs_dir} mixes lr schedules {sorted(schedule)}: a table compares runs under one schedule")
@@ -244,7 +249,7 @@ def budget_table(seeds, names, labels):
     was enough for the curves to flatten."""
     minutes, curves = {}, {}
     for name in names:
-        folders = [oracle_folders(seed) if name == "oracle" else [seed / name] for seed in seeds]
+        folders = [run_folders(seed / name) for seed in seeds]
         minutes[name] = sum(r["seconds"] for per_seed in folders for f in per_seed for r in read_log(f)) / 60 / len(seeds)
         evals = [{r["step"]: r["eval_nll"] for r in read_log(per_seed[0]) if "eval_nll" in r} for per_seed in folders]
         curves[name] = {step: sum(e[step] for e in evals) / len(evals) for step in evals[0] if all(step in e for e in evals)}
