@@ -1585,6 +1585,22 @@ def test_resume_continues_exactly_across_an_epoch_boundary(tmp_path):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def train_until_crash(monkeypatch, function_name, crash_at, argv):
+    """train.train(argv), with train.<function_name> raising on its crash_at-th call: a run killed mid-way."""
+    function, calls = getattr(train, function_name), []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise RuntimeError("simulated crash")
+        return function(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, function_name, crashing)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.train(train.parse_args(argv))
+
+
 def test_cosine_schedule_steps_at_the_hand_computed_lrs_and_resumes_exactly(tmp_path, monkeypatch):
     """--lr-schedule cosine over T = 4 steps: lr x (1 + cos(pi (t - 1) / 4)) / 2 = lr x 1, 0.8536, 0.5, 0.1464."""
     flags = RESUME + ["--max-steps", "4", "--lr-schedule", "cosine", "--save-every", "2"]
@@ -1593,18 +1609,7 @@ def test_cosine_schedule_steps_at_the_hand_computed_lrs_and_resumes_exactly(tmp_
     assert [r["lr"] for r in straight] == pytest.approx([0.01, 0.0085355339, 0.005, 0.0014644661])
     train.train(train.parse_args(RESUME + ["--max-steps", "2", "--out", str(tmp_path / "constant")]))
     assert [r["lr"] for r in read_log(tmp_path / "constant" / "log.jsonl")] == [0.01, 0.01]
-    step_loss, calls = train.step_loss, []
-
-    def cut_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("cut")
-        return step_loss(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train, "step_loss", cut_in_step_3)
-        with pytest.raises(RuntimeError, match="cut"):
-            train.train(train.parse_args(flags + ["--out", str(tmp_path / "split")]))
+    train_until_crash(monkeypatch, "step_loss", 3, flags + ["--out", str(tmp_path / "split")])  # in step 3's forward
     split = flags + ["--out", str(tmp_path / "split"), "--resume"]
     with pytest.raises(ValueError, match="decays its lr .--lr-schedule cosine. over the steps its --max-steps and --epochs give"):
         train.train(train.parse_args(split + ["--max-steps", "6"]))
@@ -1621,18 +1626,8 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch, crash):
     flags = RESUME + ["--max-steps", "6", "--save-every", "2"]
     train.train(train.parse_args(flags + ["--out", str(tmp_path / "straight")]))
     name, crash_at = ("write_atomic", 5) if crash == "between checkpoint files" else ("step_loss", 4)
-    function, calls = getattr(train, name), []
-
-    def crashing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == crash_at:  # step 4's second checkpoint file, or step 4's forward
-            raise RuntimeError("simulated crash")
-        return function(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train, name, crashing)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train.train(train.parse_args(flags + ["--out", str(tmp_path / "split")]))
+    # step 4's second checkpoint file, or step 4's forward
+    train_until_crash(monkeypatch, name, crash_at, flags + ["--out", str(tmp_path / "split")])
     # records wait on the device until a log line or checkpoint: the log holds the steps up to step 4's checkpoint
     # (written before it), or up to step 2's (step 3's record goes with the crash; resume would drop it anyway)
     assert len(read_log(tmp_path / "split" / "log.jsonl")) == {"between checkpoint files": 4, "during a step": 2}[crash]
@@ -3486,22 +3481,11 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     out = tmp_path / "routed"
     env = {**os.environ, "MODEL": "tiny", "STEPS": "2", "SEEDS": "0", "OUT": str(out), "PY": sys.executable,
            "OMP_NUM_THREADS": "1"}
-    step_loss, calls = train.step_loss, []
-
-    def cut_in_step_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("cut")
-        return step_loss(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train, "step_loss", cut_in_step_2)
-        with pytest.raises(RuntimeError, match="cut"):
-            train.train(train.parse_args([
-                "--model", "tiny", "--max-steps", "2", "--device", "cpu", "--dtype", "bfloat16", "--prompt-len", "1",
-                "--prompt-init", "vocab", "--log-every", "10", "--save-every", "1", "--lr-schedule", "cosine", "--data",
-                "routing", "--holdout", "200", "--batch-size", "8", "--num-prompts", "4", "--eval-every", "50",
-                "--eval-examples", "200", "--method", "pt", "--seed", "0", "--out", str(out / "seed0" / "pt")]))
+    train_until_crash(monkeypatch, "step_loss", 2, [  # in step 2's forward, after step 1's checkpoint
+        "--model", "tiny", "--max-steps", "2", "--device", "cpu", "--dtype", "bfloat16", "--prompt-len", "1",
+        "--prompt-init", "vocab", "--log-every", "10", "--save-every", "1", "--lr-schedule", "cosine", "--data",
+        "routing", "--holdout", "200", "--batch-size", "8", "--num-prompts", "4", "--eval-every", "50",
+        "--eval-examples", "200", "--method", "pt", "--seed", "0", "--out", str(out / "seed0" / "pt")])
     done = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in read_log(out / "seed0" / "pt" / "log.jsonl")] == [1, 2]  # continued, not kept or restarted
