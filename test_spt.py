@@ -3527,6 +3527,15 @@ def test_routed_table_refuses_runs_trained_under_different_lr_schedules(tmp_path
         routing.routed_report(tmp_path)
 
 
+def test_oracle_best_of_seeds_takes_each_kinds_best_prompt_and_weighs_kinds_by_their_examples():
+    """Seed 0's music prompt went astray (3.0), seed 1's food prompt is worse: the bound takes food 0.2 from seed 0 and
+    music 0.5 from seed 1, and three food examples to one music example give (3 * 0.2 + 0.5) / 4."""
+    nll, best = routing.oracle_best_of_seeds([{"food": 0.2, "music": 3.0}, {"food": 0.4, "music": 0.5}],
+                                             ["food", "music", "food", "food"])
+    assert best == {"food": 0.2, "music": 0.5}
+    assert nll == pytest.approx((3 * 0.2 + 0.5) / 4)
+
+
 def test_recipe_flags_label_a_run_by_what_its_recipe_sets_today():
     """A run trained under an earlier --recipe routed (p-weighted NLL, prompts not detached) and a float32 run of the
     paper recipe from before L_con was summed over pairs label themselves with the flags that reproduce them now."""
