@@ -3490,10 +3490,11 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in read_log(out / "seed0" / "pt" / "log.jsonl")] == [1, 2]  # continued, not kept or restarted
     configs = {str(f.parent.relative_to(out)): json.loads(f.read_text()) for f in out.glob("*/*/config.json")}
-    assert len(configs) == 9 and {c["lr_schedule"] for c in configs.values()} == {"cosine"}
-    routed = configs["seed0/spt_routed"]
+    assert len(configs) == 10 and {c["lr_schedule"] for c in configs.values()} == {"cosine"}
+    routed, attached = configs["seed0/spt_routed"], configs["seed0/spt_routed_picked"]
     assert (routed["nll_weights"], routed["detach_prompts_in_scores"], routed["center_contexts"], routed["con_reduction"]) == (
         "picked", True, True, "pair-sum")
+    assert (attached["nll_weights"], attached["detach_prompts_in_scores"], attached["center_contexts"]) == ("picked", False, True)
     ablated = [configs[f"ablation/{name}"] for name in ("no_nll_weights", "no_detach", "no_center_contexts")]
     assert [(c["nll_weights"], c["detach_prompts_in_scores"], c["center_contexts"]) for c in ablated] == [
         ("uniform", True, True), ("picked", False, True), ("picked", True, False)]
@@ -3501,19 +3502,21 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     assert "| SPT, --recipe routed |" in table and "--recipe paper" not in table  # its row is routed_300's only
     assert table.startswith("Seeds 0; 2 steps each, bfloat16, lr cosine (every run); per-seed values in seed order.")
     assert "\n--recipe routed at every seed: routing purity >= 0.9:" in table
+    assert "\n--recipe routed --no-detach-prompts-in-scores within 0.05 of it at every seed:" in table
     for row in ("--recipe routed --nll-weights uniform", "--recipe routed --no-detach-prompts-in-scores",
                 "--recipe routed --no-center-contexts"):
         assert f"\n| {row} |" in table
     minutes = {label: float(m) for label, m in re.findall(r"^\| (.+?) \| (\d+\.\d) \|", table, re.MULTILINE)}
     logged = sum(json.loads(line)["seconds"] for kind in data.ROUTING_KINDS
                  for line in (out / "seed0" / f"oracle_{kind}" / "log.jsonl").read_text().splitlines())
-    assert set(minutes) == {"PT (K = 1)", "SPT, --recipe routed", routing.ORACLE[1]}
+    assert set(minutes) == {"PT (K = 1)", "SPT, --recipe routed", "SPT, --recipe routed --no-detach-prompts-in-scores",
+                            routing.ORACLE[1]}
     assert minutes[routing.ORACLE[1]] == round(logged / 60, 1)
     kept = sorted(str(f.parent.relative_to(out)) for f in out.glob("*/*/train_state.pt"))
     assert kept == ["seed0/oracle_food", "seed0/oracle_music", "seed0/oracle_pets", "seed0/oracle_sports", "seed0/pt",
-                    "seed0/spt_routed"]
+                    "seed0/spt_routed", "seed0/spt_routed_picked"]
     again = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count(": done, kept") == 9, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count(": done, kept") == 10, again.stdout[-2000:]
 
 
 def test_routed_table_refuses_runs_trained_under_different_lr_schedules(tmp_path):
