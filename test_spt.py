@@ -3503,6 +3503,8 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     assert table.startswith("Seeds 0; 2 steps each, bfloat16, lr cosine (every run); per-seed values in seed order.")
     assert "\n--recipe routed at every seed: routing purity >= 0.9:" in table
     assert "\n--recipe routed --no-detach-prompts-in-scores within 0.05 of it at every seed:" in table
+    assert re.search(r"\n--recipe routed within 0.05 of it at every seed: (yes|no); with each kind's best prompt over the "
+                     r"seeds too \([\d./ ]+\): \d\.\d{3}, [+-]\d\.\d{3}\.\n", table), table
     for row in ("--recipe routed --nll-weights uniform", "--recipe routed --no-detach-prompts-in-scores",
                 "--recipe routed --no-center-contexts"):
         assert f"\n| {row} |" in table
@@ -3530,10 +3532,10 @@ def test_routed_table_refuses_runs_trained_under_different_lr_schedules(tmp_path
         routing.routed_report(tmp_path)
 
 
-def test_oracle_best_of_seeds_takes_each_kinds_best_prompt_and_weighs_kinds_by_their_examples():
+def test_best_of_seeds_takes_each_kinds_best_prompt_and_weighs_kinds_by_their_examples():
     """Seed 0's music prompt went astray (3.0), seed 1's food prompt is worse: the bound takes food 0.2 from seed 0 and
     music 0.5 from seed 1, and three food examples to one music example give (3 * 0.2 + 0.5) / 4."""
-    nll, best = routing.oracle_best_of_seeds([{"food": 0.2, "music": 3.0}, {"food": 0.4, "music": 0.5}],
+    nll, best = routing.best_of_seeds([{"food": 0.2, "music": 3.0}, {"food": 0.4, "music": 0.5}],
                                              ["food", "music", "food", "food"])
     assert best == {"food": 0.2, "music": 0.5}
     assert nll == pytest.approx((3 * 0.2 + 0.5) / 4)
