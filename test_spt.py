@@ -2270,6 +2270,13 @@ def test_grad_checkpoint_flag_recomputes_blocks_and_gives_identical_training(tmp
         [r["loss"] for r in read_log(tmp_path / "checkpointed" / "log.jsonl")], abs=1e-6)
 
 
+def crash_report(stderr):
+    """A failed torchrun's stderr, shortened: the children's own lines (the cause; e.g. a C++ 'terminate called ...')
+    and the end of torchrun's summary."""
+    own = [line for line in stderr.splitlines() if "torch/distributed/" not in line and "<frozen runpy>" not in line]
+    return "\n".join(own[:40]) + "\n...\n" + stderr[-800:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_distributed_training_equals_single_process(tmp_path, dtype):
@@ -2279,7 +2286,7 @@ def test_distributed_training_equals_single_process(tmp_path, dtype):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                            *flags, "--batch-size", "2", "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, crash_report(done.stderr)
     one, two = load_file(tmp_path / "one" / "spt.safetensors"), load_file(tmp_path / "two" / "spt.safetensors")
     assert (one["soft_prompts"] - initial.soft_prompts).abs().max() > 1e-3  # trained at all
     # DDP averages gradients in another summation order; Adam divides by sqrt(v), so an element whose gradient is
@@ -2455,7 +2462,7 @@ def test_distributed_evaluation_runs_on_every_rank_and_equals_one_process(tmp_pa
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                            *flags, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, crash_report(done.stderr)
     record = read_log(tmp_path / "log.jsonl")[-1]
     llm, tok = load_llm("tiny")
     spt = train.load_checkpoint(tmp_path)[0]
@@ -3495,9 +3502,9 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     assert (routed["nll_weights"], routed["detach_prompts_in_scores"], routed["center_contexts"], routed["con_reduction"]) == (
         "picked", True, True, "pair-sum")
     assert (attached["nll_weights"], attached["detach_prompts_in_scores"], attached["center_contexts"]) == ("picked", False, True)
-    ablated = [configs[f"ablation/{name}"] for name in ("no_nll_weights", "no_detach", "no_center_contexts")]
-    assert [(c["nll_weights"], c["detach_prompts_in_scores"], c["center_contexts"]) for c in ablated] == [
-        ("uniform", True, True), ("picked", False, True), ("picked", True, False)]
+    ablated = [configs[f"ablation/{name}"] for name in ("no_nll_weights", "no_center_contexts", "no_fusion")]  # no_detach: attached
+    assert [(c["nll_weights"], c["detach_prompts_in_scores"], c["center_contexts"], c["lambda_fusion"]) for c in ablated] == [
+        ("uniform", True, True, 1.0), ("picked", True, False, 1.0), ("picked", True, True, 0.0)]
     table = (out / "table.md").read_text()
     assert "| SPT, --recipe routed |" in table and "--recipe paper" not in table  # its row is routed_300's only
     assert table.startswith("Seeds 0; 2 steps each, bfloat16, lr cosine (every run); per-seed values in seed order.")
@@ -3505,9 +3512,12 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     assert "\n--recipe routed --no-detach-prompts-in-scores within 0.05 of it at every seed:" in table
     assert re.search(r"\n--recipe routed within 0.05 of it at every seed: (yes|no); with each kind's best prompt over the "
                      r"seeds too \([\d./ ]+\): \d\.\d{3}, [+-]\d\.\d{3}\.\n", table), table
+    ablation = table[table.index("| ablation (seed 0) |"):]
     for row in ("--recipe routed --nll-weights uniform", "--recipe routed --no-detach-prompts-in-scores",
-                "--recipe routed --no-center-contexts"):
-        assert f"\n| {row} |" in table
+                "--recipe routed --no-center-contexts", "--recipe routed --lambda-fusion 0"):
+        assert f"\n| {row} |" in ablation, ablation
+    attached = json.loads((out / "report.json").read_text())["seed0/spt_routed_picked"]
+    assert f"| {attached['nll']:.3f} | {attached['best_prompt_nll']:.3f} | {attached['purity']:.2f} |" in ablation
     minutes = {label: float(m) for label, m in re.findall(r"^\| (.+?) \| (\d+\.\d) \|", table, re.MULTILINE)}
     logged = sum(json.loads(line)["seconds"] for kind in data.ROUTING_KINDS
                  for line in (out / "seed0" / f"oracle_{kind}" / "log.jsonl").read_text().splitlines())
@@ -3542,8 +3552,9 @@ def test_best_of_seeds_takes_each_kinds_best_prompt_and_weighs_kinds_by_their_ex
 
 
 def test_recipe_flags_label_a_run_by_what_its_recipe_sets_today():
-    """A run trained under an earlier --recipe routed (p-weighted NLL, prompts not detached) and a float32 run of the
-    paper recipe from before L_con was summed over pairs label themselves with the flags that reproduce them now."""
+    """A run trained under an earlier --recipe routed (p-weighted NLL, prompts not detached), a float32 run of the
+    paper recipe from before L_con was summed over pairs, and a run without the fusion loss label themselves with the
+    flags that reproduce them now."""
     config = lambda recipe, **settings: {"recipe": recipe, "arch": "llama", "args": {"lr": settings.pop("lr", 0.01)},  # noqa: E731
                                          **{k: v for k, v in train.RECIPES[recipe].items() if not isinstance(v, dict)}, **settings}
     assert train.recipe_flags(config("routed")) == "--recipe routed"
@@ -3554,6 +3565,8 @@ def test_recipe_flags_label_a_run_by_what_its_recipe_sets_today():
     assert train.recipe_flags(legacy) == "--recipe paper --con-reduction pair-mean"
     authors = config("authors", lr=0.01, lambda_con=0.4, lambda_sel=1.0)
     assert train.recipe_flags(authors) == "--recipe authors --lambda-con 0.4 --lr 0.01"
+    # a setting no recipe sets is named when it differs from train.py's default
+    assert train.recipe_flags(config("routed", lambda_fusion=0.0, gamma=20.0)) == "--recipe routed --lambda-fusion 0"
 
 
 def test_convai2_report_names_a_cut_run_by_its_checkpoint_step(tmp_path):
@@ -3638,8 +3651,8 @@ def test_convai2_ablation_table_has_the_papers_metrics_and_counts_prompts_used(t
 @pytest.mark.slow
 def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path):
     """results/pt_vs_spt.sh (and what ablations.sh / num_prompts.sh share) on the tiny model and the demo set: a run cut
-    after 1 of 2 steps continues from its checkpoint, runs are scored and tabled, predictions hold only model output,
-    and a finished run keeps its optimizer state, so a larger STEPS extends it."""
+    after 1 of 2 steps continues from its checkpoint, runs are scored and tabled (each SPT run's prompts one at a time
+    too), predictions hold only model output, and a finished run keeps its optimizer state, so a larger STEPS extends it."""
     out = tmp_path / "convai2"
     env = {**os.environ, "MODEL": "tiny", "DATA": "demo", "HOLDOUT": "2", "STEPS": "2", "EVAL_EVERY": "1", "OUT": str(out),
            "PY": sys.executable, "SEEDS": "0 1", "ONLY": "pt_L1_seed0 spt_paper_seed0 spt_paper_seed1 spt_routed_seed1", "OMP_NUM_THREADS": "1"}
@@ -3663,6 +3676,21 @@ def test_convai2_scripts_run_continue_a_cut_run_and_commit_no_data_text(tmp_path
     num_prompts = (out / "num_prompts.md").read_text()
     assert "| 1 |" in num_prompts and "| 8 | not run yet |" in num_prompts
     assert re.search(r"^\| K = 4 \| \d\.\d{3} \| \d\.\d{3} \|  \|$", num_prompts, re.MULTILINE)  # steps 1, 2; no fall yet
+    # each SPT run's prompts one at a time: per prompt the mean over every test example, and each example's best
+    assert not (out / "pt_L1_seed0" / "prompts.json").exists()
+    spt, config = train.load_checkpoint(out / "spt_paper_seed0")
+    llm, tok = convai2.load_run_llm(config)
+    with torch.no_grad():
+        every = torch.cat([torch.stack([train.prompted_nll(llm, spt.soft_prompts[[k] * len(batch.examples)], batch)
+                                        for k in range(4)], dim=1) for batch in convai2.test_batches(config, tok)])
+    found = json.loads((out / "spt_paper_seed0" / "prompts.json").read_text())
+    assert found["step"] == 2 and found["examples"] == len(every) > 8  # more than one batch
+    assert found["each_prompt_nll"] == pytest.approx(every.mean(0).tolist(), abs=1e-5)
+    assert found["best_prompt_nll"] == pytest.approx(every.min(1).values.mean().item(), abs=1e-5)
+    picked = json.loads((out / "spt_paper_seed0" / "heldout.json").read_text())["nll"]
+    assert f"| SPT K = 4, L = 1, --recipe paper, seed 0 | {json.loads((out / 'pt_L1_seed0' / 'heldout.json').read_text())['nll']:.3f} | " \
+           f"{picked:.3f} | {found['best_prompt_nll']:.3f} | " in table
+    assert "| SPT K = 4, L = 1, --recipe routed, seed 1 |  | " in table  # no PT L = 1 at seed 1: its cell is empty
     extended = subprocess.run(["bash", "results/pt_vs_spt.sh"], cwd=ROOT, env={**env, "STEPS": "3", "ONLY": "pt_L1_seed0"},
                               capture_output=True, text=True, timeout=600)
     assert extended.returncode == 0, extended.stderr[-3000:]

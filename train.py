@@ -203,11 +203,15 @@ def recipe_line(args):
 
 def recipe_flags(config):
     """A run's loss settings as the command line that gives them: '--recipe R' and each flag whose value in the
-    run's config.json differs from what R sets today, so a run labels itself right after its recipe is redefined."""
+    run's config.json differs from what R sets today (or, for a setting no recipe sets, from its default), so a run
+    labels itself right after its recipe is redefined."""
     flags = [f"--recipe {config['recipe']}"]
-    for name, value in RECIPES[config["recipe"]].items():
+    defaults = vars(parse_args([]))
+    recipe = {**RECIPES[config["recipe"]],
+              **{name: defaults[name] for name in LOSS_SETTINGS if name != "recipe" and name not in RECIPES["paper"]}}
+    for name, value in recipe.items():
         value = value[config["arch"]] if isinstance(value, dict) else value
-        used = config["args"]["lr"] if name == "lr" else config.get(name, LEGACY_SETTINGS.get(name))
+        used = config["args"]["lr"] if name == "lr" else config.get(name, LEGACY_SETTINGS.get(name, value))
         flag = "--" + name.replace("_", "-")
         if used == value:
             continue
@@ -849,7 +853,8 @@ def train(args):
         log(rank, f"done in {format_duration(time.time() - t_start)}; checkpoint in {out}/ (step {total_steps})")
         eval_flags = f" --data {args.data} --holdout {args.holdout}" if args.holdout else ""
         log(rank, f"decode with: python generate.py --ckpt {out}{eval_flags}  (or --chat to talk to it)")
-    if world > 1:
+    if world > 1:  # rank 0 may still be saving: tear down together, so no process exits while its peer is mid-call
+        dist.barrier()
         dist.destroy_process_group()
     return spt
 

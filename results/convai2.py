@@ -3,6 +3,7 @@
     python results/convai2.py heldout RUN [RUN ...]  # Eq. 7 held-out NLL on every test example -> RUN/heldout.json
     python results/convai2.py baseline RUN           # the frozen LLM with no prompt, on RUN's test part -> RUNS/no_prompt.json
     python results/convai2.py predictions RUN        # greedy responses and their metrics -> RUN/predictions.jsonl, RUN/generation.json
+    python results/convai2.py prompts RUN [RUN ...]  # an SPT run's K prompts one at a time on the test part -> RUN/prompts.json
     python results/convai2.py report RUNS            # RUNS/pt_vs_spt.md, ablations.md, num_prompts.md from the scored runs
 
 Runs are train.py folders named SETTING_seedN (results/pt_vs_spt.sh, results/ablations.sh). The test part is the
@@ -74,6 +75,28 @@ def heldout(runs):
                   "usage_by_turn": metrics.prompt_usage_by_turn(turns, chosen, spt.num_prompts)}
         (run / "heldout.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"{run}: held-out NLL {result['nll']:.4f} on {len(nll)} examples (step {result['step']}), usage {result['usage']}")
+
+
+@torch.no_grad()
+def prompts(runs):
+    """Each of an SPT run's K prompts given to every test context, and each context's best of the K: tells a retriever
+    that misses good prompts (best far below Eq. 7's pick) from prompts that are no good (best no better than PT)."""
+    llm = tok = None
+    for run in map(Path, runs):
+        spt, config = train.load_checkpoint(run)
+        if (read(run / "prompts.json") or {}).get("step") == config["step"]:
+            print(f"{run}: prompts.json is of its step {config['step']}, kept")
+            continue
+        if llm is None or llm.dtype != getattr(torch, run_dtype(config)):
+            llm, tok = load_run_llm(config)
+        every = torch.cat([torch.stack([train.prompted_nll(llm, spt.soft_prompts[[k] * len(batch.examples)], batch)
+                                        for k in range(spt.num_prompts)], dim=1)
+                           for batch in test_batches(config, tok)])  # (N, K)
+        result = {"step": config["step"], "examples": len(every), "best_prompt_nll": every.min(1).values.mean().item(),
+                  "each_prompt_nll": every.mean(0).tolist()}
+        (run / "prompts.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"{run}: each context's best prompt {result['best_prompt_nll']:.4f}, each prompt for every context "
+              + " / ".join(f"{v:.4f}" for v in result["each_prompt_nll"]))
 
 
 def baseline(run):
@@ -182,6 +205,7 @@ def main_table(runs_dir):
     lines += ["", generation_table(runs_dir, [(f"{s}_seed0", label) for s, label in rows])]
     runs = [(f"{setting}_seed{seed}", f"{label}, seed {seed}") for setting, label in rows for seed in scored[setting]]
     lines += ["", curve_table(runs_dir, runs)]
+    lines += prompts_table(runs_dir, rows)
     for setting, label in rows[2:]:
         found = scored[setting]
         if found:
@@ -242,6 +266,27 @@ def curve_table(runs_dir, runs):
         verdict = "yes" if max(falls) <= 0.01 else f"no, the largest fall is {max(falls):.3f}"
         lines += ["", f"Flattened (no run's NLL fell by more than 0.01 over its last 100 steps): {verdict}."]
     return "\n".join(lines)
+
+
+def prompts_table(runs_dir, rows):
+    """The SPT runs with a prompts.json, against PT L = 1 of the same seed: the prompt Eq. 7 picks, each context's
+    best prompt, and each prompt given to every context."""
+    lines = []
+    for setting, label in rows:
+        for seed in seeds_of(runs_dir, setting):
+            found = read(runs_dir / f"{setting}_seed{seed}" / "prompts.json")
+            picked = read(runs_dir / f"{setting}_seed{seed}" / "heldout.json")
+            if found is None or found["step"] != picked["step"]:
+                continue
+            pt = read(runs_dir / f"pt_L1_seed{seed}" / "heldout.json")
+            pt_nll = f"{pt['nll']:.3f}" if pt else ""
+            each = " / ".join(f"{v:.3f}" for v in found["each_prompt_nll"])
+            lines.append(f"| {label}, seed {seed} | {pt_nll} | {picked['nll']:.3f} | {found['best_prompt_nll']:.3f} | {each} |")
+    if not lines:
+        return []
+    return ["", "| SPT's prompts one at a time (python results/convai2.py prompts RUN) | PT, L = 1, same seed | "
+                "the prompt Eq. 7 picks | each context's best prompt | each prompt for every context |",
+            "| --- | ---: | ---: | ---: | --- |", *lines]
 
 
 def usage_by_turn_table(by_seed):
@@ -305,6 +350,7 @@ def main(argv=None):
     sub.add_parser("heldout", help="Eq. 7 held-out NLL of each run -> RUN/heldout.json").add_argument("runs", nargs="+")
     sub.add_parser("baseline", help="the frozen LLM's held-out NLL on RUN's test part").add_argument("run")
     sub.add_parser("predictions", help="greedy responses and their metrics").add_argument("run")
+    sub.add_parser("prompts", help="an SPT run's K prompts one at a time -> RUN/prompts.json").add_argument("runs", nargs="+")
     sub.add_parser("report", help="the tables from the scored runs in RUNS").add_argument("runs_dir")
     args = p.parse_args(argv)
     if args.command == "heldout":
@@ -313,6 +359,8 @@ def main(argv=None):
         baseline(args.run)
     elif args.command == "predictions":
         predictions(args.run)
+    elif args.command == "prompts":
+        prompts(args.runs)
     else:
         report(args.runs_dir)
 

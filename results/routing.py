@@ -124,7 +124,9 @@ def report(runs_dir):
 # results/routed.sh's runs per seed, in table order; a run is shown when it finished at every seed. Rows are labelled by
 # the flags that give them today (train.recipe_flags), so the runs of an earlier --recipe routed label themselves.
 ROUTED_RUNS = ["pt", "spt_paper", "spt_routed", "spt_routed_picked", "spt_routed_picked_detached", "oracle"]
-ABLATIONS = ["no_nll_weights", "no_detach", "no_center_contexts", "detached", "picked_detached_no_center_contexts"]
+ABLATIONS = ["no_nll_weights", "no_detach", "no_center_contexts", "no_fusion", "detached", "picked_detached_no_center_contexts"]
+# an ablation row that is also a row of every seed: read from the first seed's folder (routed.sh trains it once)
+ABLATION_IN_SEEDS = {"no_detach": "spt_routed_picked"}
 
 
 def finished(folder):
@@ -203,14 +205,15 @@ def routed_report(runs_dir):
     """RUNS/seed*/ (routed.sh) -> RUNS/table.md: each run's held-out NLL and purity over the seeds, the issue's
     bar for --recipe routed (purity >= 0.9, NLL below PT's and within 0.05 of the oracle's, at every seed), the
     last part against the oracle of each kind's best seed too (and the run's own best seed per kind, like for like),
-    and the ablation (RUNS/ablation/, seed 0)."""
+    and the ablation (RUNS/ablation/, seed 0; a row that is also a run of every seed comes from the first seed)."""
     runs_dir = Path(runs_dir)
     seeds = sorted(runs_dir.glob("seed*"), key=lambda d: int(d.name[4:]))
     names = [name for name in ROUTED_RUNS if all(finished(seed / name) for seed in seeds)]
     if "pt" not in names or "oracle" not in names:
         sys.exit(f"error: {runs_dir} has no finished PT and oracle runs at every seed: run bash results/routed.sh")
-    ablation = [runs_dir / "ablation" / name for name in ABLATIONS if (runs_dir / "ablation" / name).is_dir()]
-    ablation = [folder for folder in ablation if finished(folder)]
+    ablation = [seeds[0] / ABLATION_IN_SEEDS[name] if name in ABLATION_IN_SEEDS and ABLATION_IN_SEEDS[name] in names
+                else runs_dir / "ablation" / name for name in ABLATIONS]
+    ablation = [folder for folder in ablation if folder.is_dir() and finished(folder)]
     folders = [f for seed in seeds for name in names for f in run_folders(seed / name)]
     schedule = {json.loads((f / "config.json").read_text()).get("lr_schedule", "constant") for f in folders + ablation}
     if len(schedule) > 1:
@@ -257,7 +260,8 @@ def routed_report(runs_dir):
         seed0 = seeds[0].name
         lines += ["", f"| ablation (seed {seed0[4:]}) | held-out NLL, Eq. 7 | NLL with each context's best prompt | routing purity | prompt usage |",
                   "| --- | ---: | ---: | ---: | --- |"]
-        for row in [rows[seed0, "spt_routed"]] + [score_folder(llm, batches, kinds, f, run_label(f, "")) for f in ablation]:
+        for row in [rows[seed0, "spt_routed"]] + [{**rows[seed0, f.name], "label": run_label(f, "")} if f.parent == seeds[0]
+                                                   else score_folder(llm, batches, kinds, f, run_label(f, "")) for f in ablation]:
             lines.append(f"| {row['label']} | {row['nll']:.3f} | {row['best_prompt_nll']:.3f} | {row['purity']:.2f} | {row['usage']} |")
     (runs_dir / "table.md").write_text("\n".join(lines) + "\n")
     (runs_dir / "report.json").write_text(json.dumps({f"{s}/{n}": r for (s, n), r in rows.items()}, indent=1) + "\n")
