@@ -428,6 +428,13 @@ def prompted_nll(llm, soft_prompts, batch):
     return losses.soft_prompt_losses(logprobs, batch.target_mask)[:, 0]
 
 
+@torch.no_grad()
+def each_prompt_nll(llm, soft_prompts, batch):
+    """Mean target NLL of each example with each of the K prompts soft_prompts (K, L, E): (B, K), K forwards."""
+    B = len(batch.examples)
+    return torch.stack([prompted_nll(llm, soft_prompts[[k] * B], batch) for k in range(len(soft_prompts))], dim=1)
+
+
 def no_prompt_nll(llm, batches):
     """Per example: mean target NLL of the frozen LLM with no soft prompt, the floor every prompt should beat."""
     return [x for batch in batches

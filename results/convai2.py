@@ -77,7 +77,6 @@ def heldout(runs):
         print(f"{run}: held-out NLL {result['nll']:.4f} on {len(nll)} examples (step {result['step']}), usage {result['usage']}")
 
 
-@torch.no_grad()
 def prompts(runs):
     """Each of an SPT run's K prompts given to every test context, and each context's best of the K: tells a retriever
     that misses good prompts (best far below Eq. 7's pick) from prompts that are no good (best no better than PT)."""
@@ -89,9 +88,7 @@ def prompts(runs):
             continue
         if llm is None or llm.dtype != getattr(torch, run_dtype(config)):
             llm, tok = load_run_llm(config)
-        every = torch.cat([torch.stack([train.prompted_nll(llm, spt.soft_prompts[[k] * len(batch.examples)], batch)
-                                        for k in range(spt.num_prompts)], dim=1)
-                           for batch in test_batches(config, tok)])  # (N, K)
+        every = torch.cat([train.each_prompt_nll(llm, spt.soft_prompts, batch) for batch in test_batches(config, tok)])  # (N, K)
         result = {"step": config["step"], "examples": len(every), "best_prompt_nll": every.min(1).values.mean().item(),
                   "each_prompt_nll": every.mean(0).tolist()}
         (run / "prompts.json").write_text(json.dumps(result, indent=1) + "\n")

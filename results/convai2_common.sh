@@ -29,6 +29,10 @@ TRAIN=(--model "$MODEL" --data "$DATA" --holdout "$HOLDOUT" --max-steps "$STEPS"
 mkdir -p "$OUT"
 echo "ConvAI2 runs in $OUT: ${TRAIN[*]}"
 
+selected() {  # selected NAME: true unless ONLY names other runs
+  [[ -z ${ONLY:-} || " $ONLY " == *" $1 "* ]]
+}
+
 # run NAME SEED DECODE TRAIN_FLAGS...: train NAME (or continue it with --resume from its checkpoint), score the
 # held-out part with Eq. 7 and, when DECODE is 1, decode greedily. A run with a heldout.json at STEPS is finished; a cut
 # run, or a finished one run again with a larger STEPS, continues from its train_state.pt (Adam at a constant lr: the
@@ -36,7 +40,7 @@ echo "ConvAI2 runs in $OUT: ${TRAIN[*]}"
 run() {
   local name=$1 seed=$2 decode=$3 out="$OUT/$1"
   shift 3
-  if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then return 0; fi
+  if ! selected "$name"; then return 0; fi
   if [[ -f $out/heldout.json ]]; then
     local steps_done
     steps_done=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["step"])' "$out/heldout.json")

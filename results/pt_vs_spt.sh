@@ -22,7 +22,7 @@ done
 for seed in ${SEEDS:-0 1 2}; do
   for setting in spt_paper spt_authors spt_routed_soft spt_routed; do
     name=${setting}_seed$seed
-    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* || ! -f $OUT/$name/heldout.json ]]; then continue; fi
+    if ! selected "$name" || [[ ! -f $OUT/$name/heldout.json ]]; then continue; fi
     "$PY" results/convai2.py prompts "$OUT/$name"
   done
 done

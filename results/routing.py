@@ -60,8 +60,7 @@ def score_run(llm, batches, soft_prompts, choose, best_of_k=True):
             nll += train.prompted_nll(llm, soft_prompts[picks], batch).tolist()
             chosen += picks.tolist()
             continue
-        every = torch.stack([train.prompted_nll(llm, soft_prompts[[k] * len(picks)], batch)
-                             for k in range(len(soft_prompts))], dim=1)  # (B, K)
+        every = train.each_prompt_nll(llm, soft_prompts, batch)  # (B, K)
         nll += every.gather(1, picks[:, None]).squeeze(1).tolist()
         chosen += picks.tolist()
         best += every.min(1).values.tolist()
