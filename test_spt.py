@@ -1620,6 +1620,21 @@ def test_cosine_schedule_steps_at_the_hand_computed_lrs_and_resumes_exactly(tmp_
     assert [(r["step"], r["lr"], r["loss"]) for r in resumed] == [(r["step"], r["lr"], r["loss"]) for r in straight]
 
 
+def test_warmup_raises_the_lr_linearly_then_follows_the_schedule(tmp_path):
+    """--warmup-steps 2 over T = 4 cosine steps: lr x t / 2 for t <= 2, times the cosine factor 1, 0.8536, 0.5,
+    0.1464 -> 0.005, 0.0085355, 0.005, 0.0014645; constant: 0.005 then 0.01. A checkpoint records it: --resume with
+    another warmup is refused, and a negative one is a usage error."""
+    flags = RESUME + ["--max-steps", "4", "--lr-schedule", "cosine", "--warmup-steps", "2", "--save-every", "2"]
+    train.train(train.parse_args(flags + ["--out", str(tmp_path / "cosine")]))
+    assert [r["lr"] for r in read_log(tmp_path / "cosine" / "log.jsonl")] == pytest.approx([0.005, 0.0085355339, 0.005, 0.0014644661])
+    assert [train.learning_rate(0.01, "constant", t, 4, 2) for t in (1, 2, 3)] == pytest.approx([0.005, 0.01, 0.01])
+    assert json.loads((tmp_path / "cosine" / "config.json").read_text())["warmup_steps"] == 2
+    with pytest.raises(ValueError, match="has warmup_steps=2 but this run asks for 0"):
+        train.train(train.parse_args(flags[:-4] + ["--save-every", "2", "--out", str(tmp_path / "cosine"), "--resume"]))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--warmup-steps", "-1"])
+
+
 @pytest.mark.parametrize("crash", ["between checkpoint files", "during a step"])
 def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch, crash):
     """A crash after the checkpoint of step 2: mid-way through writing step 4's checkpoint, or in step 4's forward."""
@@ -3540,6 +3555,8 @@ def test_routed_table_refuses_runs_trained_under_different_lr_schedules(tmp_path
         (tmp_path / "seed0" / name / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match=re.escape("mixes lr schedules ['constant', 'cosine']")):
         routing.routed_report(tmp_path)
+    assert routing.lr_schedule({"lr_schedule": "cosine", "warmup_steps": 50}) == "cosine after 50 warmup steps"
+    assert routing.lr_schedule({"lr_schedule": "cosine"}) == "cosine"  # a config from before --warmup-steps
 
 
 def test_best_of_seeds_takes_each_kinds_best_prompt_and_weighs_kinds_by_their_examples():

@@ -60,7 +60,7 @@ LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "con_redu
                  "feedback_noise")
 # Settings added after runs were committed, with the value those runs used: a config without the key means it.
 LEGACY_SETTINGS = {"con_reduction": "pair-mean", "nll_weights": "uniform", "center_contexts": False,
-                   "detach_prompts_in_scores": False, "lr_schedule": "constant"}
+                   "detach_prompts_in_scores": False, "lr_schedule": "constant", "warmup_steps": 0}
 
 
 def parse_args(argv=None):
@@ -92,6 +92,11 @@ def parse_args(argv=None):
                    help="constant: --lr at every step (paper: Table 6 names no schedule; authors: ds_config.json has "
                         "none); cosine: --lr x (1 + cos(pi (t - 1) / T)) / 2 at step t of T, so the last steps are small "
                         "and a run ends where it settled, not on its last noisy step (not a source's)")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="raise the lr linearly over the first N steps (--lr x t / N at step t <= N), then follow "
+                        "--lr-schedule: Adam's first steps move every coordinate by about the lr whatever the gradient, "
+                        "which can throw a prompt trained on a few examples a step out of a good region (0: none; "
+                        "paper, authors: none)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="examples per forward per process; the global batch is this x --grad-accum x processes")
     p.add_argument("--grad-accum", type=int, default=1,
@@ -177,6 +182,8 @@ def parse_args(argv=None):
     for name in ("tau_g", "tau_s"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0 (it divides the {'losses' if name == 'tau_g' else 'scores'} in Eq. 3)")
+    if args.warmup_steps < 0:
+        p.error(f"--warmup-steps must be >= 0 (0: no warmup), not {args.warmup_steps}")
     if args.method == "pt":
         args.num_prompts, args.lambda_con, args.lambda_sel, args.lambda_fusion = 1, 0.0, 0.0, 0.0
     for flag in ("eval_every", "compare_pt"):
@@ -194,7 +201,8 @@ def resolve_recipe(args, arch):
 
 def recipe_line(args):
     """The resolved loss settings and lr, for train.py's first log line."""
-    return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g} {args.lr_schedule}, lambda-con {args.lambda_con:g}, "
+    warmup = f" after {args.warmup_steps} warmup steps" if args.warmup_steps else ""
+    return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g} {args.lr_schedule}{warmup}, lambda-con {args.lambda_con:g}, "
             f"lambda-sel {args.lambda_sel:g}, lambda-fusion {args.lambda_fusion:g}, nll-reduction {args.nll_reduction}, "
             f"con-reduction {args.con_reduction}, fusion {args.fusion}, contrast-text {args.contrast_text}, "
             f"nll-weights {args.nll_weights}, tau-s {args.tau_s:g}, center-contexts {'on' if args.center_contexts else 'off'}, "
@@ -666,7 +674,7 @@ def checkpoint_config(args, llm, world):
             "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "method": args.method,
             "max_len": args.max_len, "data": args.data, "holdout": args.holdout, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "world_size": world, "seed": args.seed, "max_examples": args.max_examples,
-            "lr_schedule": args.lr_schedule, **{name: getattr(args, name) for name in LOSS_SETTINGS}, "args": vars(args)}
+            "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, **{name: getattr(args, name) for name in LOSS_SETTINGS}, "args": vars(args)}
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -813,7 +821,7 @@ def train(args):
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             stats["grad_lin_context"] = spt.lin_context.weight.grad.norm() / scale
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(args.lr, args.lr_schedule, step, total_steps)
+            group["lr"] = learning_rate(args.lr, args.lr_schedule, step, total_steps, args.warmup_steps)
         skipped = step_with_scaler(scaler, optimizer)
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t_step  # on a GPU, the host's time: the device may still be busy with the step
@@ -866,11 +874,13 @@ def train(args):
     return spt
 
 
-def learning_rate(lr, schedule, step, total_steps):
-    """The lr of optimizer step `step` (1 .. total_steps): lr throughout, or lr's cosine decay towards 0."""
+def learning_rate(lr, schedule, step, total_steps, warmup_steps=0):
+    """The lr of optimizer step `step` (1 .. total_steps): lr throughout, or lr's cosine decay towards 0; over the
+    first warmup_steps steps, times step / warmup_steps."""
+    warmup = min(1.0, step / warmup_steps) if warmup_steps else 1.0
     if schedule == "constant":
-        return lr
-    return lr * (1 + math.cos(math.pi * (step - 1) / total_steps)) / 2
+        return lr * warmup
+    return lr * warmup * (1 + math.cos(math.pi * (step - 1) / total_steps)) / 2
 
 
 def step_with_scaler(scaler, optimizer):
@@ -936,7 +946,7 @@ def resume(out, spt, optimizer, scaler, config, rank):
     state = torch.load(out / "train_state.pt", weights_only=True, map_location="cpu")
     saved = {**LEGACY_SETTINGS, **state["config"]}
     for key in ("model", "dtype", "num_prompts", "prompt_len", "method", "max_len", "data", "holdout",
-                "batch_size", "grad_accum", "world_size", "seed", "max_examples", "lr_schedule", *LOSS_SETTINGS):
+                "batch_size", "grad_accum", "world_size", "seed", "max_examples", "lr_schedule", "warmup_steps", *LOSS_SETTINGS):
         if saved.get(key) != config[key]:
             raise ValueError(f"--resume: checkpoint {out} has {key}={saved[key]!r} but this run asks for {config[key]!r}; "
                              f"pass the same flags or a new --out")

@@ -194,6 +194,14 @@ def best_of_seeds(by_kind, kinds):
     return sum(best[kind] for kind in kinds) / len(kinds), best
 
 
+def lr_schedule(config):
+    """A run's lr schedule as the table names it: 'cosine', or 'cosine after 50 warmup steps' (configs from before
+    a setting existed mean its old value: train.LEGACY_SETTINGS)."""
+    config = {**train.LEGACY_SETTINGS, **config}
+    warmup = config["warmup_steps"]
+    return config["lr_schedule"] + (f" after {warmup} warmup steps" if warmup else "")
+
+
 def mean_std(values):
     mean = sum(values) / len(values)
     std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
@@ -214,7 +222,7 @@ def routed_report(runs_dir):
                 else runs_dir / "ablation" / name for name in ABLATIONS]
     ablation = [folder for folder in ablation if folder.is_dir() and finished(folder)]
     folders = [f for seed in seeds for name in names for f in run_folders(seed / name)]
-    schedule = {json.loads((f / "config.json").read_text()).get("lr_schedule", "constant") for f in folders + ablation}
+    schedule = {lr_schedule(json.loads((f / "config.json").read_text())) for f in folders + ablation}
     if len(schedule) > 1:
         sys.exit(f"error: {runs_dir} mixes lr schedules {sorted(schedule)}: a table compares runs under one schedule")
     labels = {name: run_label(seeds[0] / name) for name in names}
