@@ -155,7 +155,8 @@ def bleu_matrix(texts, rows=None):
 
 def total_loss(target_logprobs, target_mask, scores=None, bleu=None, tau_g=1.0, threshold=20.0,
                lambda_con=1.0, lambda_sel=1.0, lambda_fusion=1.0, feedback_noise=0.0, pair_scores=None,
-               tau_s=1.0, nll_reduction="sum", fused_logprobs=None, con_reduction="pair-sum", nll_weights="uniform"):
+               tau_s=1.0, nll_reduction="sum", fused_logprobs=None, con_reduction="pair-sum", nll_weights="uniform",
+               uniform_share=0.0):
     """Eq. 6: sum_i mean_b L[b, i] + lambda1 L_con + lambda2 L_sel + lambda3 L_fusion.
 
     Algorithm 1 sums each example's terms over the batch (line 14) and L_con over the pairs (line 26). Here
@@ -170,7 +171,8 @@ def total_loss(target_logprobs, target_mask, scores=None, bleu=None, tau_g=1.0, 
     needs no scores). The authors' code differs in more places, each an option: nll_reduction="mean"
     replaces the sum over prompts by pooled_nll, fused_logprobs (B, T) from score_logits_logprobs replaces
     Eq. 5's average, con_reduction="pair-mean". nll_weights (prompt_nll_weights) weighs each prompt's NLL per
-    example in the sum over prompts (not Eq. 6; an option of the routed recipe). Returns (total, parts) with parts the detached scalar terms.
+    example in the sum over prompts (not Eq. 6; an option of the routed recipe); uniform_share F mixes Eq. 6's
+    uniform weights back in, (1 - F) w + F, so every prompt still learns a little from every example. Returns (total, parts) with parts the detached scalar terms.
     """
     if lambda_con is None or lambda_sel is None:
         raise ValueError("lambda_con and lambda_sel are unset: the authors' recipe sets them for the model's family "
@@ -178,8 +180,9 @@ def total_loss(target_logprobs, target_mask, scores=None, bleu=None, tau_g=1.0, 
     prompt_losses = soft_prompt_losses(target_logprobs, target_mask)  # (B, K)
     if nll_reduction == "sum":
         weights = prompt_nll_weights(nll_weights, prompt_losses, scores, tau_g, tau_s)  # (B, K)
+        weights = (1 - uniform_share) * weights + uniform_share
         total = (weights * prompt_losses).mean(0).sum()
-    elif nll_weights == "uniform":
+    elif nll_weights == "uniform" and not uniform_share:
         total = pooled_nll(target_logprobs, target_mask)
     else:
         raise ValueError(f"nll_weights {nll_weights!r} weighs Eq. 6's sum over prompts: it needs nll_reduction 'sum'")

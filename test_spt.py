@@ -1371,6 +1371,10 @@ def test_nll_weights_weigh_each_prompts_nll_by_k_q_or_k_p():
                                          nll_weights=which)
         by_hand = sum(weights[b, k] * L[b, k] for b in range(2) for k in range(3)) / 2
         assert total.item() == pytest.approx(by_hand.item(), abs=1e-5), which
+    total, _ = losses.total_loss(lp, mask, scores, lambda_con=0, lambda_sel=0, lambda_fusion=0, nll_weights="picked",
+                                 uniform_share=0.25)  # --uniform-nll-share: 0.75 x picked + 0.25
+    by_hand = sum((0.75 * picked[b, k] + 0.25) * L[b, k] for b in range(2) for k in range(3)) / 2
+    assert total.item() == pytest.approx(by_hand.item(), abs=1e-5)
     total.backward()
     assert lp.grad is not None and scores.grad is None  # the retriever's p only weighs; the NLL term sends it no gradient
     assert losses.prompt_nll_weights("feedback", L, scores).sum(-1).tolist() == pytest.approx([3.0, 3.0])
@@ -2133,6 +2137,25 @@ def test_each_loss_flag_reaches_step_loss(flag_batch, flag, value, setting):
     temperatures = {name: setting[name] for name in ("tau_g", "tau_s") if name in setting}
     by_hand = routing_by_hand(llm, spt, batch, scores, prompt_losses, **temperatures)
     assert on_host(stats) == pytest.approx(by_hand, rel=1e-4, abs=1e-5)  # rel: tau_g 0.001 scales float32 rounding of L by 1000
+
+
+def test_uniform_nll_share_reaches_step_loss_and_is_checked(flag_batch):
+    """--uniform-nll-share with --nll-weights picked: step_loss equals total_loss by hand with the same mix, differs
+    from picked alone, and a share outside [0, 1] is a usage error."""
+    llm, spt, batch, _ = flag_batch
+    totals = []
+    for share in ("0.5", "0"):
+        args = train.parse_args(["--model", "tiny", "--nll-weights", "picked", "--uniform-nll-share", share])
+        train.resolve_recipe(args, llm.config.arch)
+        torch.manual_seed(NOISE_SEED)
+        total, parts, _, _ = train.step_loss(llm, spt, batch, args, 1)
+        expected, expected_parts, _, _ = eq6_by_hand(llm, spt, batch, nll_weights="picked", uniform_share=float(share))
+        assert total.item() == pytest.approx(expected.item(), abs=1e-5)
+        assert floats(parts) == pytest.approx(floats(expected_parts), abs=1e-5)
+        totals.append(total.item())
+    assert abs(totals[0] - totals[1]) > 1e-3
+    with pytest.raises(SystemExit):
+        train.parse_args(["--uniform-nll-share", "1.5"])
 
 
 def test_routing_stats_by_hand():

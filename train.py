@@ -57,10 +57,11 @@ RECIPES = {
 FROM_RECIPE = "(default: from --recipe%(default).0s)"  # %(default).0s prints nothing; it stops "(default: None)"
 LOSS_SETTINGS = ("recipe", "fusion", "contrast_text", "nll_reduction", "con_reduction", "tau_g", "tau_s", "gamma",
                  "nll_weights", "center_contexts", "detach_prompts_in_scores", "lambda_con", "lambda_sel", "lambda_fusion",
-                 "feedback_noise")
+                 "feedback_noise", "uniform_nll_share")
 # Settings added after runs were committed, with the value those runs used: a config without the key means it.
 LEGACY_SETTINGS = {"con_reduction": "pair-mean", "nll_weights": "uniform", "center_contexts": False,
-                   "detach_prompts_in_scores": False, "lr_schedule": "constant", "warmup_steps": 0}
+                   "detach_prompts_in_scores": False, "lr_schedule": "constant", "warmup_steps": 0,
+                   "uniform_nll_share": 0.0}
 
 
 def parse_args(argv=None):
@@ -130,6 +131,10 @@ def parse_args(argv=None):
                         "authors: every prompt learns from every example), feedback (K q: mainly the prompts the LLM "
                         "prefers for the example), retriever (K p: mainly the prompts the retriever sends it to), "
                         "picked (K on Eq. 7's pick, 0 elsewhere: only the prompt the retriever picks) " + FROM_RECIPE)
+    p.add_argument("--uniform-nll-share", type=float, default=0.0,
+                   help="mix Eq. 6's uniform weights back into --nll-weights: (1 - F) w + F per example and prompt, so "
+                        "under picked weights every prompt still learns from every example at weight F (0: the weights "
+                        "alone; not a source's)")
     p.add_argument("--center-contexts", action=argparse.BooleanOptionalAction, default=None,
                    help="subtract the training contexts' mean token embedding from each context before the retriever "
                         "(v_C = W (mean emb_C - mu), SPT.context_vectors), so no shared component sends every context to "
@@ -182,6 +187,8 @@ def parse_args(argv=None):
     for name in ("tau_g", "tau_s"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0 (it divides the {'losses' if name == 'tau_g' else 'scores'} in Eq. 3)")
+    if not 0 <= args.uniform_nll_share <= 1:
+        p.error(f"--uniform-nll-share must be in [0, 1], not {args.uniform_nll_share:g}")
     if args.warmup_steps < 0:
         p.error(f"--warmup-steps must be >= 0 (0: no warmup), not {args.warmup_steps}")
     if args.method == "pt":
@@ -202,10 +209,11 @@ def resolve_recipe(args, arch):
 def recipe_line(args):
     """The resolved loss settings and lr, for train.py's first log line."""
     warmup = f" after {args.warmup_steps} warmup steps" if args.warmup_steps else ""
+    share = f" (uniform-nll-share {args.uniform_nll_share:g})" if args.uniform_nll_share else ""
     return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g} {args.lr_schedule}{warmup}, lambda-con {args.lambda_con:g}, "
             f"lambda-sel {args.lambda_sel:g}, lambda-fusion {args.lambda_fusion:g}, nll-reduction {args.nll_reduction}, "
             f"con-reduction {args.con_reduction}, fusion {args.fusion}, contrast-text {args.contrast_text}, "
-            f"nll-weights {args.nll_weights}, tau-s {args.tau_s:g}, center-contexts {'on' if args.center_contexts else 'off'}, "
+            f"nll-weights {args.nll_weights}{share}, tau-s {args.tau_s:g}, center-contexts {'on' if args.center_contexts else 'off'}, "
             f"detach-prompts-in-scores {'on' if args.detach_prompts_in_scores else 'off'}")
 
 
@@ -534,7 +542,7 @@ def step_loss(llm, spt, batch, args, world, groups=None, pair_texts=None):
         lambda_con=args.lambda_con, lambda_sel=args.lambda_sel, lambda_fusion=args.lambda_fusion,
         feedback_noise=args.feedback_noise, pair_scores=pair_scores, tau_s=args.tau_s,
         nll_reduction=args.nll_reduction, fused_logprobs=fused_logprobs, con_reduction=args.con_reduction,
-        nll_weights=args.nll_weights)
+        nll_weights=args.nll_weights, uniform_share=args.uniform_nll_share)
     stats = routing_stats(getattr(spt, "module", spt), llm, batch, scores.detach(),
                           losses.soft_prompt_losses(target_logprobs.detach(), batch.target_mask), args)
     return total, parts, scores.detach(), {**stats, "bleu_seconds": bleu_seconds}
