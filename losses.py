@@ -182,7 +182,7 @@ def total_loss(target_logprobs, target_mask, scores=None, bleu=None, tau_g=1.0, 
         weights = prompt_nll_weights(nll_weights, prompt_losses, scores, tau_g, tau_s)  # (B, K)
         weights = (1 - uniform_share) * weights + uniform_share
         total = (weights * prompt_losses).mean(0).sum()
-    elif nll_weights == "uniform" and not uniform_share:
+    elif nll_weights == "uniform":  # mixing uniform weights with uniform weights changes nothing
         total = pooled_nll(target_logprobs, target_mask)
     else:
         raise ValueError(f"nll_weights {nll_weights!r} weighs Eq. 6's sum over prompts: it needs nll_reduction 'sum'")
