@@ -1624,12 +1624,13 @@ def test_cosine_schedule_steps_at_the_hand_computed_lrs_and_resumes_exactly(tmp_
     assert [(r["step"], r["lr"], r["loss"]) for r in resumed] == [(r["step"], r["lr"], r["loss"]) for r in straight]
 
 
-def test_warmup_raises_the_lr_linearly_then_follows_the_schedule(tmp_path):
+def test_warmup_raises_the_lr_linearly_then_follows_the_schedule(tmp_path, capsys):
     """--warmup-steps 2 over T = 4 cosine steps: lr x t / 2 for t <= 2, times the cosine factor 1, 0.8536, 0.5,
     0.1464 -> 0.005, 0.0085355, 0.005, 0.0014645; constant: 0.005 then 0.01. A checkpoint records it: --resume with
     another warmup is refused, and a negative one is a usage error."""
     flags = RESUME + ["--max-steps", "4", "--lr-schedule", "cosine", "--warmup-steps", "2", "--save-every", "2"]
     train.train(train.parse_args(flags + ["--out", str(tmp_path / "cosine")]))
+    assert " lr 0.01 cosine after 2 warmup steps, " in capsys.readouterr().out  # the first log line
     assert [r["lr"] for r in read_log(tmp_path / "cosine" / "log.jsonl")] == pytest.approx([0.005, 0.0085355339, 0.005, 0.0014644661])
     assert [train.learning_rate(0.01, "constant", t, 4, 2) for t in (1, 2, 3)] == pytest.approx([0.005, 0.01, 0.01])
     assert json.loads((tmp_path / "cosine" / "config.json").read_text())["warmup_steps"] == 2
@@ -1637,6 +1638,7 @@ def test_warmup_raises_the_lr_linearly_then_follows_the_schedule(tmp_path):
         train.train(train.parse_args(flags[:-4] + ["--save-every", "2", "--out", str(tmp_path / "cosine"), "--resume"]))
     with pytest.raises(SystemExit):
         train.parse_args(["--warmup-steps", "-1"])
+    assert "--warmup-steps must be >= 0 (0: no warmup), not -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("crash", ["between checkpoint files", "during a step"])
@@ -2139,7 +2141,7 @@ def test_each_loss_flag_reaches_step_loss(flag_batch, flag, value, setting):
     assert on_host(stats) == pytest.approx(by_hand, rel=1e-4, abs=1e-5)  # rel: tau_g 0.001 scales float32 rounding of L by 1000
 
 
-def test_uniform_nll_share_reaches_step_loss_and_is_checked(flag_batch):
+def test_uniform_nll_share_reaches_step_loss_and_is_checked(flag_batch, capsys):
     """--uniform-nll-share with --nll-weights picked: step_loss equals total_loss by hand with the same mix, differs
     from picked alone, and a share outside [0, 1] is a usage error."""
     llm, spt, batch, _ = flag_batch
@@ -2156,6 +2158,7 @@ def test_uniform_nll_share_reaches_step_loss_and_is_checked(flag_batch):
     assert abs(totals[0] - totals[1]) > 1e-3
     with pytest.raises(SystemExit):
         train.parse_args(["--uniform-nll-share", "1.5"])
+    assert "--uniform-nll-share must be in [0, 1], not 1.5" in capsys.readouterr().err
 
 
 def test_routing_stats_by_hand():

@@ -206,11 +206,15 @@ def resolve_recipe(args, arch):
             setattr(args, name, value[arch])
 
 
+def lr_plan(schedule, warmup_steps):
+    """The lr schedule in words, as the first log line and results/routing.py's tables name it."""
+    return schedule + (f" after {warmup_steps} warmup steps" if warmup_steps else "")
+
+
 def recipe_line(args):
     """The resolved loss settings and lr, for train.py's first log line."""
-    warmup = f" after {args.warmup_steps} warmup steps" if args.warmup_steps else ""
     share = f" (uniform-nll-share {args.uniform_nll_share:g})" if args.uniform_nll_share else ""
-    return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g} {args.lr_schedule}{warmup}, lambda-con {args.lambda_con:g}, "
+    return (f"recipe {args.recipe} ({args.method.upper()}): lr {args.lr:g} {lr_plan(args.lr_schedule, args.warmup_steps)}, lambda-con {args.lambda_con:g}, "
             f"lambda-sel {args.lambda_sel:g}, lambda-fusion {args.lambda_fusion:g}, nll-reduction {args.nll_reduction}, "
             f"con-reduction {args.con_reduction}, fusion {args.fusion}, contrast-text {args.contrast_text}, "
             f"nll-weights {args.nll_weights}{share}, tau-s {args.tau_s:g}, center-contexts {'on' if args.center_contexts else 'off'}, "

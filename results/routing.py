@@ -198,8 +198,7 @@ def lr_schedule(config):
     """A run's lr schedule as the table names it: 'cosine', or 'cosine after 50 warmup steps' (configs from before
     a setting existed mean its old value: train.LEGACY_SETTINGS)."""
     config = {**train.LEGACY_SETTINGS, **config}
-    warmup = config["warmup_steps"]
-    return config["lr_schedule"] + (f" after {warmup} warmup steps" if warmup else "")
+    return train.lr_plan(config["lr_schedule"], config["warmup_steps"])
 
 
 def mean_std(values):
