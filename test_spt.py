@@ -3539,6 +3539,8 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     assert [r["step"] for r in read_log(out / "seed0" / "pt" / "log.jsonl")] == [1, 2]  # continued, not kept or restarted
     configs = {str(f.parent.relative_to(out)): json.loads(f.read_text()) for f in out.glob("*/*/config.json")}
     assert len(configs) == 10 and {c["lr_schedule"] for c in configs.values()} == {"cosine"}
+    assert {name: c["batch_size"] for name, c in configs.items() if "oracle_" in name or name == "seed0/pt"} == {
+        "seed0/pt": 8, **{f"seed0/oracle_{kind}": 2 for kind in data.ROUTING_KINDS}}  # BATCH and BATCH / 4
     routed, attached = configs["seed0/spt_routed"], configs["seed0/spt_routed_picked"]
     assert (routed["nll_weights"], routed["detach_prompts_in_scores"], routed["center_contexts"], routed["con_reduction"]) == (
         "picked", True, True, "pair-sum")
