@@ -3525,7 +3525,8 @@ def test_routing_script_runs_end_to_end_on_the_tiny_model(tmp_path):
 def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     """results/routed.sh as written, tiny model, 2 steps, seed 0: a run cut in step 2 continues, every run has its
     recipe's settings and the cosine schedule, the table the issue's bar per seed and the ablation rows labelled by their
-    flags, the runs the bar may need to extend keep their Adam state, and a second call keeps the finished runs."""
+    flags, the runs the bar may need to extend keep their Adam state, and a second call keeps the finished runs; a BATCH
+    the oracle cannot split is refused."""
     out = tmp_path / "routed"
     env = {**os.environ, "MODEL": "tiny", "STEPS": "2", "SEEDS": "0", "OUT": str(out), "PY": sys.executable,
            "OMP_NUM_THREADS": "1"}
@@ -3572,6 +3573,8 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
                     "seed0/spt_routed", "seed0/spt_routed_picked"]
     again = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count(": done, kept") == 10, again.stdout[-2000:]
+    odd = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env={**env, "BATCH": "6"}, capture_output=True, text=True)
+    assert odd.returncode == 1 and "BATCH=6 must be a multiple of 4" in odd.stderr
 
 
 def test_routed_table_refuses_runs_trained_under_different_lr_schedules(tmp_path):

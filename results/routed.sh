@@ -20,6 +20,7 @@ SEEDS=${SEEDS:-0 1 2}
 # examples a step for PT and SPT; each oracle run trains on one kind, a quarter of the data, so it gets BATCH / 4: the
 # examples of its kind that a step of the others holds. BATCH=16 OUT=results/routed_b16 is the second table
 BATCH=${BATCH:-8}
+if (( BATCH % 4 )); then echo "error: BATCH=$BATCH must be a multiple of 4 (each oracle run gets BATCH / 4)" >&2; exit 1; fi
 # 0 leaves out the recipe without detaching at every seed (RESULTS.md: not part of the smallest set); its first seed is
 # also the ablation's "without detaching" row
 NO_DETACH=${NO_DETACH:-1}
