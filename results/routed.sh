@@ -30,9 +30,9 @@ LR_SCHEDULE=${LR_SCHEDULE:-cosine}
 # no warmup: with 50 warmup steps (WARMUP=50) the oracle's music prompt stopped going astray (seeds 0, 1), but at seed 0
 # the recipe put two kinds on one prompt (RESULTS.md, "A recipe that routes")
 WARMUP=${WARMUP:-0}
-# 600 steps (4.8 epochs), chosen before the runs: at 300 steps no held-out curve had flattened (the hard-routed runs
-# fell 0.27 over their last 50 steps) and the oracle's training NLL still fell. --eval-every logs the held-out curve
-# (all 200 held-out examples) of each run; the oracle's runs hold nothing out.
+# 600 steps (4.8 epochs at BATCH=8, 9.6 at 16), chosen before the runs: at 300 steps no held-out curve had flattened
+# (the hard-routed runs fell 0.27 over their last 50 steps) and the oracle's training NLL still fell. --eval-every logs
+# the held-out curve (all 200 held-out examples) of each run; the oracle's runs hold nothing out.
 TRAIN=(--model "$MODEL" --max-steps "$STEPS" --device cpu --dtype "$DTYPE" --prompt-len 1 --prompt-init vocab --log-every 10 --save-every 50
        --lr-schedule "$LR_SCHEDULE" --warmup-steps "$WARMUP")
 SPT=(--data routing --holdout 200 --batch-size "$BATCH" --num-prompts 4 --eval-every 50 --eval-examples 200)
