@@ -2203,6 +2203,18 @@ def test_prompt_init_vocab_copies_rows_of_the_embedding_table(tmp_path):
     assert not copies["gaussian"].any()  # a standard Gaussian prompt is no row of the table
 
 
+def test_init_seed_fixes_the_initialisation_and_leaves_data_order_to_seed(tmp_path):
+    flags = TINY + ["--max-steps", "1", "--lr", "0", "--batch-size", "2", "--max-len", "64", "--prompt-init", "vocab"]
+    runs = {name: train.train(train.parse_args(flags + extra + ["--out", str(tmp_path / name)])) for name, extra in [
+        ("seed0_init5", ["--seed", "0", "--init-seed", "5"]), ("seed1_init5", ["--seed", "1", "--init-seed", "5"]),
+        ("seed1", ["--seed", "1"])]}
+    state = {name: spt.state_dict() for name, spt in runs.items()}
+    assert all(torch.equal(state["seed0_init5"][k], state["seed1_init5"][k]) for k in state["seed1"])
+    assert not torch.equal(state["seed1"]["soft_prompts"], state["seed1_init5"]["soft_prompts"])
+    first_loss = {name: read_log(tmp_path / name / "log.jsonl")[0]["loss"] for name in runs}
+    assert first_loss["seed0_init5"] != first_loss["seed1_init5"]  # the same prompts on another batch: --seed's order
+
+
 # ----------------------------------------------------------------------------- train.py, continued
 
 def test_authors_recipe_trains_records_its_settings_and_resume_refuses_a_change(tmp_path):
@@ -3575,6 +3587,19 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     assert again.returncode == 0 and again.stdout.count(": done, kept") == 10, again.stdout[-2000:]
     odd = subprocess.run(["bash", "results/routed.sh"], cwd=ROOT, env={**env, "BATCH": "6"}, capture_output=True, text=True)
     assert odd.returncode == 1 and "BATCH=6 must be a multiple of 4" in odd.stderr
+    # results/routed_init.sh: the same runs at seed 0's data order from --init-seed 5, no ablation, and the table of both
+    inits = subprocess.run(["bash", "results/routed_init.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600, env={
+        **env, "OUT": str(tmp_path / "inits"), "BASE": str(out), "SEED": "0", "INITS": "5"})
+    assert inits.returncode == 0, inits.stderr[-3000:]
+    configs = {str(f.parent.relative_to(tmp_path / "inits")): json.loads(f.read_text()) for f in (tmp_path / "inits").glob("*/*/*/config.json")}
+    assert sorted(configs) == sorted(f"init5/seed0/{name}" for name in ["pt", "spt_routed", *(f"oracle_{k}" for k in data.ROUTING_KINDS)])
+    assert {(c["args"]["init_seed"], c["seed"]) for c in configs.values()} == {(5, 0)}
+    table = (tmp_path / "inits" / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| --init-seed 5 |") or line.startswith("| routed (from --seed 0) |")]
+    report = json.loads((out / "report.json").read_text())
+    assert len(rows) == 2 and rows[1].startswith(f"| routed (from --seed 0) | {report['seed0/pt']['nll']:.3f} | "
+                                                 f"{report['seed0/spt_routed']['nll']:.3f} | {report['seed0/oracle']['nll']:.3f} |")
+    assert "\n--recipe routed within 0.05 of the oracle: " in table and "of 2 initialisations" in table
 
 
 def test_routed_table_refuses_runs_trained_under_different_lr_schedules(tmp_path):

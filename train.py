@@ -159,6 +159,9 @@ def parse_args(argv=None):
     p.add_argument("--feedback-noise", type=float, default=0.0,
                    help="alpha of the Gaussian noise added to the LLM feedback q (A.8)")
     p.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and noise")
+    p.add_argument("--init-seed", type=int, default=None,
+                   help="seeds only the initialisation of the prompts and the retriever (default: --seed): runs that "
+                        "differ in it alone see the same data in the same order, so their spread is the initialisation's")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="the frozen LLM's weights and autocast (prompts, retriever, Adam and losses stay float32); 'auto' "
@@ -777,6 +780,8 @@ def train(args):
         [data.encode_example(ex, tok, args.max_len) for ex in held_out[:args.eval_examples]],
         args.batch_size, tok.pad_id, shuffle=False))[rank::world]] if args.eval_every else []
 
+    if args.init_seed is not None:
+        torch.manual_seed(args.init_seed)
     spt = SPT(args.num_prompts, args.prompt_len, llm.embed_dim, args.center_contexts, args.detach_prompts_in_scores)
     if args.center_contexts:
         spt.set_context_center(context_means(llm, encoded, tok.pad_id, device))

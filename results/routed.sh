@@ -35,6 +35,10 @@ WARMUP=${WARMUP:-0}
 # the held-out curve (all 200 held-out examples) of each run; the oracle's runs hold nothing out.
 TRAIN=(--model "$MODEL" --max-steps "$STEPS" --device cpu --dtype "$DTYPE" --prompt-len 1 --prompt-init vocab --log-every 10 --save-every 50
        --lr-schedule "$LR_SCHEDULE" --warmup-steps "$WARMUP")
+# INIT_SEED=N initialises every run from N (train.py --init-seed) while the seeds keep the data order: results/routed_init.sh
+if [[ -n ${INIT_SEED:-} ]]; then TRAIN+=(--init-seed "$INIT_SEED"); fi
+# 0 skips the ablation
+ABLATION=${ABLATION:-1}
 SPT=(--data routing --holdout 200 --batch-size "$BATCH" --num-prompts 4 --eval-every 50 --eval-examples 200)
 echo "routed recipe check: ${TRAIN[*]}, batch $BATCH, seeds $SEEDS"
 
@@ -66,12 +70,14 @@ for seed in $SEEDS; do
     train "seed$seed/oracle_$kind" "$seed" --data "$OUT/oracle_data/$kind.jsonl" --batch-size $((BATCH / 4)) --method pt
   done
 done
-first=$(printf '%s\n' $SEEDS | sort -n | head -1)
-train "ablation/no_nll_weights" "$first" "${SPT[@]}" --recipe routed --nll-weights uniform
-train "ablation/no_center_contexts" "$first" "${SPT[@]}" --recipe routed --no-center-contexts
-# not one of the recipe's changes but a paper term: Eq. 5 trains every prompt on the fused prediction of all K, while
-# each of the oracle's prompts learns from its own kind only
-train "ablation/no_fusion" "$first" "${SPT[@]}" --recipe routed --lambda-fusion 0
+if [[ $ABLATION == 1 ]]; then
+  first=$(printf '%s\n' $SEEDS | sort -n | head -1)
+  train "ablation/no_nll_weights" "$first" "${SPT[@]}" --recipe routed --nll-weights uniform
+  train "ablation/no_center_contexts" "$first" "${SPT[@]}" --recipe routed --no-center-contexts
+  # not one of the recipe's changes but a paper term: Eq. 5 trains every prompt on the fused prediction of all K, while
+  # each of the oracle's prompts learns from its own kind only
+  train "ablation/no_fusion" "$first" "${SPT[@]}" --recipe routed --lambda-fusion 0
+fi
 rm -r "$OUT/oracle_data"
 "$PY" results/routing.py routed "$OUT"
 echo "routed recipe check done in $((SECONDS / 60))m$((SECONDS % 60))s"

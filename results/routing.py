@@ -4,6 +4,7 @@
     python results/routing.py report RUNS       # held-out NLL and routing purity of the runs in RUNS
     python results/routing.py routed RUNS       # the same over seeds for results/routed.sh, with its ablation
     python results/routing.py score RUN ...     # one line per run (results/routed_search.sh)
+    python results/routing.py inits RUNS BASE   # one data order, several initialisations (results/routed_init.sh)
 
 The data is data.routing_examples() (`--data routing`): four kinds of context, each with a response
 pattern the context does not reveal. `report` scores the last 200 examples (`--holdout 200`, never
@@ -13,6 +14,7 @@ and plots what the training logs say about routing to RUNS/routing.png (when mat
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -274,6 +276,57 @@ def routed_report(runs_dir):
     print("\n".join(lines))
 
 
+def training_nll(folder, first, last):
+    """Median over steps first..last of a run's logged training NLL per example and prompt (train.py logs Eq. 6's
+    weighted sum over the K prompts, whose weights sum to K for each example: divided by K); seedN/oracle: the mean of
+    its four runs' medians, one per kind. None when a run logged no step in that range."""
+    values = [[r["nll"] / json.loads((f / "config.json").read_text())["num_prompts"] for r in read_log(f)
+               if first <= r["step"] <= last] for f in run_folders(folder)]
+    return sum(map(statistics.median, values)) / len(values) if all(values) else None
+
+
+def inits_report(runs_dir, base):
+    """RUNS/init*/seedS (results/routed_init.sh) and BASE, routed.sh's seedS folder, initialised from S itself ->
+    RUNS/table.md: PT, --recipe routed and the oracle at one data order from several initialisations. Each
+    initialisation's gap between the recipe and the oracle, and the spread of each over the initialisations: whether
+    the recipe stays above the oracle whatever the start, or the gap is one start's luck."""
+    runs_dir, base = Path(runs_dir), Path(base)
+    inits = sorted(runs_dir.glob("init*"), key=lambda d: int(d.name[4:]))
+    folders = [init / base.name for init in inits] + [base]
+    names = ["pt", "spt_routed", "oracle"]
+    missing = [str(f / name) for f in folders for name in names if not finished(f / name)]
+    if missing:
+        sys.exit(f"error: unfinished or missing runs: {', '.join(missing)}: run bash results/routed_init.sh")
+    labels = [f"--init-seed {init.name[4:]}" for init in inits] + [f"{base.parent.name} (from --seed {base.name[4:]})"]
+    llm, _, batches, kinds = held_out_part(folders[0] / "pt")
+    rows = {(label, name): score_folder(llm, batches, kinds, f / name, name) for label, f in zip(labels, folders) for name in names}
+    config = json.loads((folders[0] / "spt_routed" / "config.json").read_text())
+    by_kind = lambda row: " / ".join(f"{v:.2f}" for _, v in sorted(row["nll_by_kind"].items()))  # noqa: E731
+    lines = [f"Data order of --seed {base.name[4:]}; {config['args']['max_steps']} steps, batch {config['batch_size']} "
+             f"(the oracle's {config['batch_size'] // 4}), {config['dtype']}, lr {lr_schedule(config)}; each row one "
+             f"initialisation of every run (train.py --init-seed).", "",
+             "| initialisation | PT | --recipe routed | oracle | recipe - oracle | recipe by kind: food / music / pets / sports "
+             "| oracle by kind | training NLL, steps 101-200: recipe / oracle |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label in labels:
+        pt, routed, oracle = (rows[label, name] for name in names)
+        folder = folders[labels.index(label)]
+        training = [training_nll(folder / name, 101, 200) for name in ("spt_routed", "oracle")]
+        lines.append(f"| {label} | {pt['nll']:.3f} | {routed['nll']:.3f} | {oracle['nll']:.3f} | "
+                     f"{routed['nll'] - oracle['nll']:+.3f} | {by_kind(routed)} | {by_kind(oracle)} | "
+                     f"{' / '.join('' if v is None else f'{v:.2f}' for v in training)} |")
+    column = lambda name: [rows[label, name]["nll"] for label in labels]  # noqa: E731
+    gaps = [r - o for r, o in zip(column("spt_routed"), column("oracle"))]
+    lines.append(f"| mean ± std | {mean_std(column('pt'))} | {mean_std(column('spt_routed'))} | {mean_std(column('oracle'))} | "
+                 f"{mean_std(gaps)} | | | |")
+    purity = [rows[label, "spt_routed"]["purity"] for label in labels]
+    lines += ["", f"--recipe routed within 0.05 of the oracle: {sum(g <= 0.05 for g in gaps)} of {len(gaps)} initialisations; "
+                  f"routing purity {' / '.join(f'{p:.2f}' for p in purity)}."]
+    (runs_dir / "table.md").write_text("\n".join(lines) + "\n")
+    (runs_dir / "report.json").write_text(json.dumps({f"{label}/{name}": row for (label, name), row in rows.items()}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def budget_table(seeds, names, labels):
     """Each run's training minutes (mean over seeds; the oracle's four runs added) and its held-out curve, the NLL at
     each --eval-every step with Eq. 7's pick (mean over seeds), from the runs' log.jsonl: the budget, and whether it
@@ -334,13 +387,18 @@ def plot(runs_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["oracle-data", "report", "routed", "score"])
+    p.add_argument("command", choices=["oracle-data", "report", "routed", "score", "inits"])
     p.add_argument("folder", nargs="+", help="oracle-data: where the JSONL files go; report, routed: the folder of the "
-                                             "runs; score: run folders")
+                                             "runs; score: run folders; inits: the folder of the runs and routed.sh's "
+                                             "seed folder they share the data order of")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.command == "score":
         return score_runs(args.folder)
+    if args.command == "inits":
+        if len(args.folder) != 2:
+            p.error("inits takes two folders: RUNS (results/routed_init) and BASE (e.g. results/routed_cosine/seed2)")
+        return inits_report(*args.folder)
     {"oracle-data": write_oracle_data, "report": report, "routed": routed_report}[args.command](args.folder[0])
 
 
