@@ -2109,7 +2109,7 @@ def floats(parts):
 
 def on_host(stats):
     """step_loss's routing stats (device tensors until a log line) as Python numbers, without the BLEU's host time."""
-    return {name: float(value) for name, value in stats.items() if name != "bleu_seconds"}
+    return {name: float(value) for name, value in stats.items() if name not in ("bleu_seconds", "prompt_nll")}
 
 
 def test_step_loss_with_default_flags_is_eq6_as_printed(flag_batch):
@@ -2163,17 +2163,19 @@ def test_uniform_nll_share_reaches_step_loss_and_is_checked(flag_batch, capsys):
 
 def test_routing_stats_by_hand():
     """q_max, p_max, agree, distinct and vc_cos, by value, on scores and losses chosen so that none is trivial:
-    q and p agree on examples 0 and 2 only, p picks prompts 0 and 1."""
+    q and p agree on examples 0 and 2 only, p picks prompts 0 and 1; prompt_nll: the picked examples' mean loss per
+    prompt (0: examples 0 and 3, 1: examples 1 and 2), null for prompt 2, which none picks."""
     llm, tok, encoded, batch = tiny_batch(n=4)
     torch.manual_seed(1)
     spt = SPT(3, 1, llm.embed_dim)
     scores = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.1], [0.1, 0.7, 0.4], [0.6, 0.5, 0.0]])
-    prompt_losses = torch.tensor([[1.0, 2.0, 3.0], [2.5, 2.0, 0.5], [3.0, 1.0, 2.0], [2.0, 1.5, 2.2]])
+    prompt_losses = torch.tensor([[1.0, 2.0, 3.0], [2.5, 2.0, 0.5], [3.0, 1.0, 2.0], [2.4, 1.5, 2.2]])
     args = SimpleNamespace(tau_g=0.5, tau_s=0.25)
     stats = train.routing_stats(spt, llm, batch, scores, prompt_losses, args)
     expected = routing_by_hand(llm, spt, batch, scores, prompt_losses, tau_g=0.5, tau_s=0.25)
     assert expected["agree"] == 0.5 and expected["distinct"] == 2 and 0 < expected["vc_cos"] < 1
     assert on_host(stats) == pytest.approx(expected, abs=1e-6)
+    assert train.records_on_host([{"prompt_nll": stats["prompt_nll"]}])[0]["prompt_nll"] == pytest.approx([1.7, 1.5, None])
 
 
 def test_no_prompt_nll_is_the_frozen_llms_own_target_nll():
@@ -2437,7 +2439,7 @@ def test_routing_stats_are_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the training step's autocast on a GPU
         under = train.routing_stats(spt, llm, batch, scores, prompt_losses, args)
     assert all(value.dtype in (torch.float32, torch.long) for value in under.values())
-    assert {k: v.item() for k, v in under.items()} == {k: v.item() for k, v in plain.items()}
+    torch.testing.assert_close(under, plain, rtol=0, atol=0, equal_nan=True)
 
 
 def test_sync_counter_counts_reads_of_values_and_value_dependent_shapes_of_project_code():

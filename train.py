@@ -578,7 +578,9 @@ def routing_stats(spt, llm, batch, scores, prompt_losses, args):
 
     q_max / p_max: mean largest share of the LLM feedback q and of the retriever's p (Eq. 3); agree: share of
     examples whose argmax p is argmax q; distinct: prompts chosen in the batch (Eq. 7); vc_cos: mean cosine
-    between two of the batch's context vectors v_C (near 1: the retriever cannot tell the contexts apart).
+    between two of the batch's context vectors v_C (near 1: the retriever cannot tell the contexts apart);
+    prompt_nll (K,): each prompt's mean Eq. 2 NLL over the examples Eq. 7 picks it for, NaN (null in the log) for a
+    prompt picked for none: how fast each prompt learns the contexts it serves.
     """
     with torch.autocast(scores.device.type, enabled=False):
         q = losses.llm_feedback(prompt_losses, args.tau_g)
@@ -587,9 +589,12 @@ def routing_stats(spt, llm, batch, scores, prompt_losses, args):
         unit = torch.nn.functional.normalize(v_context, dim=-1)
         B = len(unit)
         vc_cos = ((unit @ unit.T).sum() - B) / max(B * (B - 1), 1)
+        picked = (scores.argmax(-1)[:, None] == torch.arange(scores.shape[1], device=scores.device)).float()  # (B, K)
+        prompt_nll = (picked * prompt_losses.float()).sum(0) / picked.sum(0)  # (K,), 0 / 0 = NaN where none
     return {"q_max": q.max(-1).values.mean(), "p_max": p.max(-1).values.mean(),
             "agree": (q.argmax(-1) == p.argmax(-1)).float().mean(),
-            "distinct": (prompt_counts(scores.argmax(-1), scores.shape[1]) > 0).sum(), "vc_cos": vc_cos}
+            "distinct": (prompt_counts(scores.argmax(-1), scores.shape[1]) > 0).sum(), "vc_cos": vc_cos,
+            "prompt_nll": prompt_nll}
 
 
 def prompt_counts(picks, num_prompts):
@@ -936,7 +941,8 @@ def checked_records(pending, log_file, out, rank, world):
 
 
 def records_on_host(records):
-    """The records with their tensors as Python numbers (a list for a 1-dim tensor), in one copy from the device."""
+    """The records with their tensors as Python numbers (a list for a 1-dim tensor, NaN in it as None, which JSON
+    writes as null), in one copy from the device."""
     tensors = [value for record in records for value in record.values() if isinstance(value, torch.Tensor)]
     if not tensors:
         return records
@@ -944,7 +950,7 @@ def records_on_host(records):
 
     def number(tensor):
         values = [x if tensor.is_floating_point() else int(x) for x in itertools.islice(flat, tensor.numel())]
-        return values if tensor.dim() else values[0]
+        return [None if math.isnan(x) else x for x in values] if tensor.dim() else values[0]
 
     return [{k: number(v) if isinstance(v, torch.Tensor) else v for k, v in record.items()} for record in records]
 
