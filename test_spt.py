@@ -18,6 +18,7 @@ import math
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -3597,11 +3598,15 @@ def test_routed_script_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     assert sorted(configs) == sorted(f"init5/seed0/{name}" for name in ["pt", "spt_routed", *(f"oracle_{k}" for k in data.ROUTING_KINDS)])
     assert {(c["args"]["init_seed"], c["seed"]) for c in configs.values()} == {(5, 0)}
     table = (tmp_path / "inits" / "table.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| --init-seed 5 |") or line.startswith("| routed (from --seed 0) |")]
+    rows = [line for line in table[:table.index("| training NLL by kind")].splitlines()
+            if line.startswith("| --init-seed 5 |") or line.startswith("| routed (from --seed 0) |")]
     report = json.loads((out / "report.json").read_text())
     assert len(rows) == 2 and rows[1].startswith(f"| routed (from --seed 0) | {report['seed0/pt']['nll']:.3f} | "
                                                  f"{report['seed0/spt_routed']['nll']:.3f} | {report['seed0/oracle']['nll']:.3f} |")
     assert "\n--recipe routed within 0.05 of the oracle: " in table and "of 2 initialisations" in table
+    by_kind = re.search(r"\n\| --init-seed 5 \| 1-50 \| ([\d./ ]+) \| ([\d./ ]+) \|\n", table)  # the logs' first steps
+    oracle_food = read_log(tmp_path / "inits" / "init5" / "seed0" / "oracle_food" / "log.jsonl")
+    assert by_kind and by_kind[2].startswith(f"{statistics.median(r['nll'] for r in oracle_food):.2f} / "), table
 
 
 def test_routed_table_refuses_runs_trained_under_different_lr_schedules(tmp_path):

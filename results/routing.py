@@ -285,6 +285,22 @@ def training_nll(folder, first, last):
     return sum(map(statistics.median, values)) / len(values) if all(values) else None
 
 
+def training_nll_by_kind(folder, row, first, last):
+    """{kind: median training NLL over steps first..last} of a run scored as row (summarize): for SPT the logged
+    prompt_nll of the prompt each kind is routed to on the held-out part (steps where Eq. 7 picked it for no example
+    left out; NaN for a kind no prompt serves), for seedN/oracle each kind's own run. None for an SPT run whose log
+    has no prompt_nll (before 2e8fc87)."""
+    if folder.name == "oracle":
+        return {kind: statistics.median(r["nll"] for r in read_log(f) if first <= r["step"] <= last)
+                for kind, f in zip(sorted(data.ROUTING_KINDS), oracle_folders(folder.parent))}
+    log = [r for r in read_log(folder) if first <= r["step"] <= last]
+    if not all("prompt_nll" in r for r in log):
+        return None
+    values = {kind: [] if prompt is None else [r["prompt_nll"][prompt] for r in log if r["prompt_nll"][prompt] is not None]
+              for kind, prompt in row["prompt_of_kind"].items()}
+    return {kind: statistics.median(v) if v else math.nan for kind, v in values.items()}  # NaN: a kind without a prompt
+
+
 def inits_report(runs_dir, base):
     """RUNS/init*/seedS (results/routed_init.sh) and BASE, routed.sh's seedS folder, initialised from S itself ->
     RUNS/table.md: PT, --recipe routed and the oracle at one data order from several initialisations. Each
@@ -321,7 +337,18 @@ def inits_report(runs_dir, base):
                  f"{mean_std(gaps)} | | | |")
     purity = [rows[label, "spt_routed"]["purity"] for label in labels]
     lines += ["", f"--recipe routed within 0.05 of the oracle: {sum(g <= 0.05 for g in gaps)} of {len(gaps)} initialisations; "
-                  f"routing purity {' / '.join(f'{p:.2f}' for p in purity)}."]
+                  f"routing purity {' / '.join(f'{p:.2f}' for p in purity)}.", "",
+              "| training NLL by kind (median over the steps), food / music / pets / sports | steps | --recipe routed "
+              "(its prompt for the kind) | oracle |", "| --- | --- | ---: | ---: |"]
+    for label, folder in zip(labels, folders):
+        for first, last in [(1, 50), (51, 100), (101, 200), (201, 400), (401, 600)]:
+            if not any(first <= r["step"] <= last for r in read_log(folder / "spt_routed")):
+                continue  # a run shorter than these steps
+            cells = [training_nll_by_kind(folder / name, rows[label, name], first, last) for name in ("spt_routed", "oracle")]
+            if cells[0] is None:
+                continue  # a log from before prompt_nll
+            lines.append(f"| {label} | {first}-{last} | " + " | ".join(" / ".join(f"{v:.2f}" for _, v in sorted(c.items()))
+                                                                     for c in cells) + " |")
     (runs_dir / "table.md").write_text("\n".join(lines) + "\n")
     (runs_dir / "report.json").write_text(json.dumps({f"{label}/{name}": row for (label, name), row in rows.items()}, indent=1) + "\n")
     print("\n".join(lines))
