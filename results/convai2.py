@@ -31,8 +31,9 @@ from llm_loader import load_llm  # noqa: E402
 MAIN = [("pt_L1", "PT, L = 1"), ("pt_L4", "PT, L = 4"), ("spt_paper", "SPT K = 4, L = 1, --recipe paper"),
         ("spt_authors", "SPT K = 4, L = 1, --recipe authors"),
         ("spt_routed_soft", "SPT K = 4, L = 1, --recipe routed --nll-weights retriever --no-detach-prompts-in-scores"),
-        ("spt_routed", "SPT K = 4, L = 1, --recipe routed")]  # spt_routed_soft: --recipe routed until commit f961a71
-NEWER = {"spt_routed_soft", "spt_routed"}  # rows added after results/convai2 was run: shown only in a folder that has them
+        ("spt_routed", "SPT K = 4, L = 1, --recipe routed"),  # spt_routed_soft: --recipe routed until commit f961a71
+        ("spt_paper_centered", "SPT K = 4, L = 1, --recipe paper --center-contexts")]
+NEWER = {"spt_routed_soft", "spt_routed", "spt_paper_centered"}  # rows added after results/convai2 was run: shown only in a folder that has them
 ABLATIONS = [("spt_paper", "SPT (Eq. 6, --recipe paper)"), ("spt_no_con", "w/o contrastive (lambda-con 0)"),
              ("spt_no_sel", "w/o selection (lambda-sel 0)"), ("spt_no_fusion", "w/o fusion (lambda-fusion 0)")]
 NUM_PROMPTS = [("pt_L1", 1), ("spt_K2", 2), ("spt_paper", 4), ("spt_K8", 8)]  # K = 1 is PT L = 1: see num_prompts_table()
