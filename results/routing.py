@@ -324,9 +324,8 @@ def inits_report(runs_dir, base):
              "| initialisation | PT | --recipe routed | oracle | recipe - oracle | recipe by kind: food / music / pets / sports "
              "| oracle by kind | training NLL, steps 101-200: recipe / oracle |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for label in labels:
+    for label, folder in zip(labels, folders):
         pt, routed, oracle = (rows[label, name] for name in names)
-        folder = folders[labels.index(label)]
         training = [training_nll(folder / name, 101, 200) for name in ("spt_routed", "oracle")]
         lines.append(f"| {label} | {pt['nll']:.3f} | {routed['nll']:.3f} | {oracle['nll']:.3f} | "
                      f"{routed['nll'] - oracle['nll']:+.3f} | {by_kind(routed)} | {by_kind(oracle)} | "
