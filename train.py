@@ -589,17 +589,23 @@ def routing_stats(spt, llm, batch, scores, prompt_losses, args):
         unit = torch.nn.functional.normalize(v_context, dim=-1)
         B = len(unit)
         vc_cos = ((unit @ unit.T).sum() - B) / max(B * (B - 1), 1)
-        picked = (scores.argmax(-1)[:, None] == torch.arange(scores.shape[1], device=scores.device)).float()  # (B, K)
-        prompt_nll = (picked * prompt_losses.float()).sum(0) / picked.sum(0)  # (K,), 0 / 0 = NaN where none
+        picked = picked_mask(scores.argmax(-1), scores.shape[1])  # (B, K)
+        counts = picked.sum(0)  # (K,)
+        prompt_nll = (picked * prompt_losses.float()).sum(0) / counts  # (K,), 0 / 0 = NaN where none
     return {"q_max": q.max(-1).values.mean(), "p_max": p.max(-1).values.mean(),
             "agree": (q.argmax(-1) == p.argmax(-1)).float().mean(),
-            "distinct": (prompt_counts(scores.argmax(-1), scores.shape[1]) > 0).sum(), "vc_cos": vc_cos,
-            "prompt_nll": prompt_nll}
+            "distinct": (counts > 0).sum(), "vc_cos": vc_cos, "prompt_nll": prompt_nll}
+
+
+def picked_mask(picks, num_prompts):
+    """(B, K) bool, True where example b picked prompt k: picks (B,), on picks' device (one_hot would read the
+    values on the host to check them)."""
+    return picks[:, None] == torch.arange(num_prompts, device=picks.device)
 
 
 def prompt_counts(picks, num_prompts):
     """How often each prompt was picked: picks (B,) -> (K,) long, on picks' device (bincount would wait for it)."""
-    return (picks[:, None] == torch.arange(num_prompts, device=picks.device)).sum(0)
+    return picked_mask(picks, num_prompts).sum(0)
 
 
 def usage_entropy(counts):

@@ -280,8 +280,10 @@ def training_nll(folder, first, last):
     """Median over steps first..last of a run's logged training NLL per example and prompt (train.py logs Eq. 6's
     weighted sum over the K prompts, whose weights sum to K for each example: divided by K); seedN/oracle: the mean of
     its four runs' medians, one per kind. None when a run logged no step in that range."""
-    values = [[r["nll"] / json.loads((f / "config.json").read_text())["num_prompts"] for r in read_log(f)
-               if first <= r["step"] <= last] for f in run_folders(folder)]
+    values = []
+    for f in run_folders(folder):
+        num_prompts = json.loads((f / "config.json").read_text())["num_prompts"]
+        values.append([r["nll"] / num_prompts for r in read_log(f) if first <= r["step"] <= last])
     return sum(map(statistics.median, values)) / len(values) if all(values) else None
 
 
@@ -340,8 +342,9 @@ def inits_report(runs_dir, base):
               "| training NLL by kind (median over the steps), food / music / pets / sports | steps | --recipe routed "
               "(its prompt for the kind) | oracle |", "| --- | --- | ---: | ---: |"]
     for label, folder in zip(labels, folders):
+        steps = [r["step"] for r in read_log(folder / "spt_routed")]
         for first, last in [(1, 50), (51, 100), (101, 200), (201, 400), (401, 600)]:
-            if not any(first <= r["step"] <= last for r in read_log(folder / "spt_routed")):
+            if not any(first <= step <= last for step in steps):
                 continue  # a run shorter than these steps
             cells = [training_nll_by_kind(folder / name, rows[label, name], first, last) for name in ("spt_routed", "oracle")]
             if cells[0] is None:
